@@ -1,0 +1,107 @@
+"""Files that must never be torn or unsafe: atomic writes, checkpoint save/load, RNG state.
+
+Atomic write: write a temporary file in the same folder, flush + fsync, os.replace it into place.
+A kill at any instant leaves the old file or the new one, never half of one.
+Safe load: torch.load(..., weights_only=True) only, so a checkpoint cannot run code when loaded.
+A checkpoint holds plain Python types and tensors only.
+"""
+import io
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from dataset import UserError
+
+FORMAT = 1
+
+
+def atomic_write_bytes(path, data: bytes):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path, expect_model=None):
+    """Load a checkpoint safely; one-line UserError for a missing, corrupt, unsafe or foreign file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found: train that model first or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"checkpoint {path} holds pickled code and was refused (nothing in it ran): "
+                            f"use a checkpoint written by this project")
+        raise UserError(f"checkpoint {path} is corrupt ({str(e).splitlines()[0][:80]}): use another checkpoint")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}): use another checkpoint "
+                        f"(a run's best.pth and last.pth are kept separately)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no model/state_dict): pass one from "
+                        f"models_pth/ or runs/")
+    if expect_model is not None and ckpt["model"] != expect_model:
+        raise UserError(f"checkpoint {path} holds a '{ckpt['model']}' model, not '{expect_model}': "
+                        f"pass --model {ckpt['model']} or another checkpoint")
+    return ckpt
+
+
+def load_weights(model, ckpt, path):
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit the '{ckpt['model']}' architecture "
+                        f"({str(e).splitlines()[0][:80]}...): it was written by different code")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state of everything that draws random numbers (as plain types and tensors)
+
+def rng_state(gen):
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": gen.get_state(),  # drives the data order and the augmentation
+    }
+
+
+def set_rng_state(state, gen):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    gen.set_state(state["data"])

@@ -1,0 +1,166 @@
+"""From a split on disk to batches of normalised images, two ways behind one interface.
+
+    ImageBatches   the report's path: Pillow decodes each image every epoch, torchvision transforms it,
+                   DataLoader worker processes batch it.
+    TensorBatches  the fast path: the split decoded once into a uint8 tensor (dataset.load_split_tensors)
+                   kept on the training device; each batch is gathered by index and augmented whole.
+
+Both give `order(gen)` (the epoch's sample order) and `batches(order, gen, start)` which yields
+(images float NCHW on the device, labels or None, positions in the split). The augmentation is the
+report's either way: horizontal flip p=0.5, rotation uniform in [-15, 15] degrees (nearest, zero fill),
+then ImageNet normalisation; validation and test are only normalised.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+
+import dataset
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the report normalises
+STD = (0.229, 0.224, 0.225)
+MAX_ANGLE = 15.0
+FLIP_P = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# The report's per-image transforms (torchvision)
+
+def report_transform(train):
+    steps = [transforms.Resize((dataset.IMAGE_SIZE, dataset.IMAGE_SIZE))]
+    if train:
+        steps += [transforms.RandomHorizontalFlip(FLIP_P), transforms.RandomRotation(MAX_ANGLE)]
+    steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    return transforms.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same augmentation on a whole batch at once (any device)
+
+def normalize(x):
+    """uint8 or 0..255 float (N,3,H,W) -> ImageNet-normalised float32."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
+def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P):
+    """Per-image flip decisions and angles, drawn on the CPU from `gen` so a run replays exactly on any device."""
+    flips = torch.rand(n, generator=gen) < flip_p
+    angles = torch.empty(n).uniform_(-max_angle, max_angle, generator=gen)
+    return flips, angles
+
+
+def rotate(x, angles):
+    """Rotate a float batch (N,3,H,W) by `angles` degrees about the centre: nearest pixel, zero fill.
+
+    Counter-clockwise for positive angles, as torchvision's rotate; one affine_grid + grid_sample call
+    for the whole batch. It matches torchvision's tensor rotate exactly and Pillow's (the report's
+    path) except for a few rim pixels where nearest-neighbour rounding falls the other way (tests bound it).
+    """
+    rad = angles.to(x.device, torch.float32) * (math.pi / 180)
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    # theta maps output coordinates to input coordinates (x right, y down): rotating the picture by +a
+    # counter-clockwise samples the input at the output point turned by -a on screen.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x, flips, angles):
+    """The report's train augmentation on a uint8 batch: flip where `flips`, rotate by `angles`, normalise."""
+    x = x.float()
+    x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    return normalize(rotate(x, angles))
+
+
+TTA_ANGLES = (8.0, -8.0)
+
+
+def tta_views(x):
+    """Test-time views of a normalised batch: as is, flipped, and turned by +-8 degrees (black fill)."""
+    black = normalize(torch.zeros(1, 3, 1, 1, device=x.device))
+    views = [x, x.flip(3)]
+    for a in TTA_ANGLES:
+        views.append(rotate(x - black, torch.full((len(x),), a)) + black)
+    return views
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+
+class _Batches:
+    """Shared logic: epoch order, batch slicing, and the shard of each batch this process trains on."""
+
+    def __init__(self, n, labels, batch_size, train, device, shard=(0, 1)):
+        self.n, self.labels = n, labels
+        self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
+        self.rank, self.world = shard
+
+    def __len__(self):  # steps per epoch; the last partial batch is dropped in training only
+        return self.n // self.batch_size if self.train else math.ceil(self.n / self.batch_size)
+
+    def order(self, gen=None):
+        return torch.randperm(self.n, generator=gen) if self.train else torch.arange(self.n)
+
+    def _slices(self, order, start):
+        for k in range(start, len(self)):
+            yield order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def _labels(self, idx):
+        return None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
+
+
+class TensorBatches(_Batches):
+    def __init__(self, images, labels, batch_size, train, device, shard=(0, 1)):
+        super().__init__(len(images), labels, batch_size, train, device, shard)
+        self.images = images.to(self.device)  # uint8 stays small: 12,500 images = 375 MB
+
+    def batches(self, order, gen=None, start=0):
+        for idx in self._slices(order, start):
+            if self.train:  # draw for the whole (global) batch, so every process draws the same numbers
+                flips, angles = draw_augment_params(len(idx), gen)
+            mine = slice(self.rank, None, self.world)
+            idx = idx[mine]
+            x = self.images[idx.to(self.device)]
+            x = augment_batch(x, flips[mine], angles[mine]) if self.train else normalize(x)
+            yield x, self._labels(idx), idx
+
+
+class ImageBatches(_Batches):
+    def __init__(self, data, batch_size, train, device, workers=4, pin_memory=True, shard=(0, 1)):
+        labels = None if data.labels is None else torch.tensor(data.labels)
+        super().__init__(len(data), labels, batch_size, train, device, shard)
+        self.data, self.workers = data, workers
+        self.pin_memory = pin_memory and self.device.type == "cuda"
+
+    def batches(self, order, gen=None, start=0):
+        slices = [idx[self.rank::self.world] for idx in self._slices(order, start)]
+        if not slices:
+            return
+        # Worker seeds come from `gen`, so a run with the same generator state augments the same way.
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=[s.tolist() for s in slices],
+                                             num_workers=self.workers, pin_memory=self.pin_memory,
+                                             generator=gen, persistent_workers=False)
+        for (x, _), idx in zip(loader, slices):
+            yield x.to(self.device, non_blocking=True), self._labels(idx), idx
+
+
+def make_batches(data_dir, split, batch_size, train, device, loader="tensors", cache_dir=None, workers=4,
+                 pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print):
+    """The loader for one split. loader: 'tensors' (fast, falls back to 'images' over the memory budget)
+    or 'images' (the report's per-image path)."""
+    if loader == "tensors":
+        n = len(dataset.read_split_csv(data_dir, split))
+        if dataset.split_nbytes(n) <= max_memory_gb * 2**30:
+            data = dataset.load_split_tensors(data_dir, split, cache_dir, log=log)
+            b = TensorBatches(data["images"], data["labels"], batch_size, train, device, shard)
+            b.ids = data["ids"]
+            return b
+        log(f"note: {split} ({dataset.split_nbytes(n) / 2**30:.1f} GB decoded) exceeds --max-memory-gb "
+            f"{max_memory_gb}; using the per-image loader")
+    data = dataset.CsvImageDataset(data_dir, split, report_transform(train))
+    b = ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)
+    b.ids = data.ids
+    return b

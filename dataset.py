@@ -1,0 +1,192 @@
+"""The competition data on disk: split CSVs, image files, decoding, and the decode-once cache.
+
+Layout (the Kaggle download):  DATA/train.csv, DATA/validation.csv (image_id,label), DATA/test.csv (image_id),
+and DATA/<split>/<image_id>.png. Files in another format Pillow reads (WebP, JPEG) are found too.
+Every problem a user can cause raises UserError with one line that names the file and the fix.
+"""
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SIZE = 100
+NUM_CLASSES = 5
+SPLITS = ("train", "validation", "test")
+
+
+class UserError(Exception):
+    """A problem the user can fix; main.py prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV reading and checking
+
+def read_split_csv(data_dir, split):
+    """The split's CSV as a DataFrame with str image_id (and int label for train/validation), checked."""
+    path = os.path.join(data_dir, f"{split}.csv")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data folder {data_dir} not found: put the Kaggle download there or pass --data-dir "
+                        f"(or try --demo)")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: the data folder needs train.csv, validation.csv and test.csv")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is empty or not a CSV ({str(e).splitlines()[0]}): restore it from the download")
+    labelled = split != "test"
+    needed = ["image_id", "label"] if labelled else ["image_id"]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} has no column {', '.join(missing)} (found: {', '.join(df.columns) or 'none'}): "
+                        f"the header must be '{','.join(needed)}'")
+    if len(df) == 0:
+        raise UserError(f"{path} has a header but no rows: restore it from the download")
+    df["image_id"] = df["image_id"].str.strip()
+    empty = df.index[df["image_id"] == ""]
+    if len(empty):
+        raise UserError(f"{path} row {empty[0] + 2} has an empty image_id: fix or delete that row")
+    dup = df["image_id"].duplicated()
+    if dup.any():
+        first = df.index[dup][0]
+        raise UserError(f"{path} row {first + 2}: image_id {df.image_id[first]} appears more than once "
+                        f"({int(dup.sum())} duplicates): each image must be listed once")
+    if labelled:
+        ok = df["label"].str.strip().isin([str(k) for k in range(NUM_CLASSES)])
+        if not ok.all():
+            bad = df.index[~ok][0]
+            raise UserError(f"{path} row {bad + 2}: label {df.label[bad]!r} is not an integer in 0..{NUM_CLASSES - 1}: "
+                            f"fix that row")
+        df["label"] = df["label"].astype(int)
+    return df[needed].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and decoding images
+
+def find_images(data_dir, split, ids):
+    """Path of each image: <split>/<id>.png, or <split>/<id>.<any extension> when no PNG is there."""
+    folder = os.path.join(data_dir, split)
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder {folder} not found: {split}.csv lists images that should be in it")
+    by_stem = {}
+    with os.scandir(folder) as it:
+        for entry in it:
+            stem, ext = os.path.splitext(entry.name)
+            if stem not in by_stem or ext.lower() == ".png":  # prefer the Kaggle PNG
+                by_stem[stem] = entry.name
+    missing = [i for i in ids if i not in by_stem]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {os.path.join(data_dir, split + '.csv')} are missing "
+                        f"from {folder} (first: {', '.join(missing[:3])}): restore them or remove their rows")
+    return [os.path.join(folder, by_stem[i]) for i in ids]
+
+
+def decode_image(path):
+    """RGB PIL image of IMAGE_SIZE x IMAGE_SIZE (grayscale/RGBA/palette converted, other sizes resized)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # also forces the full decode, so a truncated file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as an image ({type(e).__name__}): replace it with the original "
+                        f"or remove its row from the CSV")
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return im
+
+
+class CsvImageDataset(torch.utils.data.Dataset):
+    """One image at a time from disk (the report's path): (image, label), or (image, image_id) for test."""
+
+    def __init__(self, data_dir, split, transform=None):
+        df = read_split_csv(data_dir, split)
+        self.split = split
+        self.ids = df["image_id"].tolist()
+        self.labels = df["label"].tolist() if "label" in df else None
+        self.paths = find_images(data_dir, split, self.ids)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        image = decode_image(self.paths[i])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, (self.labels[i] if self.labels is not None else self.ids[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode once: a split as one uint8 tensor (N, 3, 100, 100), cached on disk
+#
+# Why: decoding PNGs with Pillow every epoch costs more than training ThreeCNN on a GPU. A split is
+# small (12,500 x 30 KB = 375 MB), so decode it once, keep it in memory (or on the GPU) and cache it.
+
+def split_nbytes(n):
+    return n * 3 * IMAGE_SIZE * IMAGE_SIZE
+
+
+def _cache_key(data_dir, split, paths):
+    h = hashlib.sha256()
+    with open(os.path.join(data_dir, f"{split}.csv"), "rb") as f:
+        h.update(f.read())
+    for p in paths:  # a changed, added or replaced image changes its size or mtime
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _writable(path):
+    # Check the mode's write bits too: root passes os.access on a folder marked read-only.
+    return os.access(path, os.W_OK) and bool(os.stat(path).st_mode & 0o222)
+
+
+def default_cache_dir(data_dir):
+    """DATA/.cache when the data folder is writable, else a per-user cache folder."""
+    inside = os.path.join(data_dir, ".cache")
+    if _writable(data_dir) and (not os.path.exists(inside) or _writable(inside)):
+        return inside
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deepfake-unibuc", hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12])
+
+
+def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print):
+    """{"images": uint8 (N,3,100,100), "labels": int64 (N,) or None, "ids": [str]}, decoded once then cached."""
+    df = read_split_csv(data_dir, split)
+    ids = df["image_id"].tolist()
+    paths = find_images(data_dir, split, ids)
+    cache_dir = cache_dir or default_cache_dir(data_dir)
+    cache = os.path.join(cache_dir, f"{split}-{_cache_key(data_dir, split, paths)}.pt")
+    if os.path.isfile(cache):
+        try:
+            data = torch.load(cache, weights_only=True)
+            if data["ids"] == ids:
+                return data
+        except Exception:  # a damaged cache is only a cache: decode again
+            pass
+    log(f"decoding {len(ids)} {split} images once (cached in {cache_dir}) ...")
+    images = torch.empty((len(ids), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+
+    def decode_into(i):  # Pillow releases the GIL while decoding, so threads help
+        images[i] = torch.from_numpy(np.asarray(decode_image(paths[i])).copy()).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode_into, range(len(ids))))
+    labels = torch.tensor(df["label"].to_numpy(), dtype=torch.int64) if "label" in df else None
+    data = {"images": images, "labels": labels, "ids": ids}
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        for old in os.listdir(cache_dir):  # drop stale caches of this split
+            if old.startswith(f"{split}-") and old.endswith(".pt"):
+                os.remove(os.path.join(cache_dir, old))
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+        os.replace(tmp, cache)
+    except OSError as e:
+        log(f"note: could not write the decode cache in {cache_dir} ({e.strerror}); it will be decoded again next run")
+    return data
