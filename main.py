@@ -331,13 +331,13 @@ class Stop:
 
     @classmethod
     def install(cls):
+        """Installs the handlers; returns the previous ones (restored when training ends)."""
         def handler(signum, frame):
             if cls.signal is not None:
                 raise KeyboardInterrupt
             cls.signal = signum
             log(f"\n{signal.Signals(signum).name}: stopping after this step (press again to quit at once)")
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, handler)
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 class NumericalError(Exception):
@@ -504,6 +504,12 @@ def train(cfg, given, resume):
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
     check_data(cfg)
 
+    # Decoded (and so checked) before any run folder exists: a bad image costs seconds, not a run.
+    loaders = loaders_for(cfg, device, ["train", "validation"], train_split="train")
+    tr, va = loaders["train"], loaders["validation"]
+    if len(tr) == 0:
+        raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
+                        f"lower --batch-size")
     raw = build_model(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
@@ -531,11 +537,6 @@ def train(cfg, given, resume):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
 
-    loaders = loaders_for(cfg, device, ["train", "validation"], train_split="train")
-    tr, va = loaders["train"], loaders["validation"]
-    if len(tr) == 0:
-        raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
-                        f"lower --batch-size")
     epoch, step, best_acc, best_epoch, bad_epochs, order, recall = 0, 0, -1.0, 0, 0, None, None
     partial = torch.zeros(3, device=device)
     if ckpt is not None:  # continue exactly where the run stopped
@@ -576,8 +577,9 @@ def train(cfg, given, resume):
                     rng=checkpoint.rng_state(gen), order=order, partial=partial.cpu(), recall=recall)
 
     last = os.path.join(run_dir, "last.pth")
-    if RANK == 0:
-        Stop.install() if WORLD == 1 else None
+    # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
+    # run resumes from its last end-of-epoch checkpoint.
+    previous_handlers = Stop.install() if WORLD == 1 else {}
     finished = False
     try:
         while epoch < cfg["epochs"]:
@@ -634,6 +636,9 @@ def train(cfg, given, resume):
     except torch.OutOfMemoryError:
         raise UserError(f"the GPU ran out of memory at batch size {cfg['batch_size']}: lower it with --batch-size "
                         f"{max(1, cfg['batch_size'] // 2)} (or --eval-batch-size for evaluation)")
+    finally:
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
     if not finished and RANK == 0:  # ran out of epochs exactly at a boundary
         checkpoint.save(snapshot(True), last)
     if RANK == 0:
@@ -805,7 +810,10 @@ def main(argv=None):
             return run_command(args, cfg, given)
         return train(cfg, given, args.resume)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the original line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is intact", file=sys.stderr)

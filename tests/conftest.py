@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import demo_data  # noqa: E402
+import main  # noqa: E402
+
+TINY = {"train": 60, "validation": 20, "test": 10}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny Kaggle-layout data set (synthetic), built once for the whole session."""
+    return demo_data.build(str(tmp_path_factory.mktemp("tiny")), TINY, seed=1)
+
+
+@pytest.fixture
+def copy_data(tiny_data, tmp_path):
+    """A private copy of the tiny set, for tests that damage it."""
+    import shutil
+    dest = tmp_path / "data"
+    shutil.copytree(tiny_data, dest, ignore=shutil.ignore_patterns(".cache"))
+    return str(dest)
+
+
+def base_args(data, tmp_path, *extra):
+    """Flags for a quick run on tiny data with every output inside tmp_path."""
+    return ["--model", "three", "--data-dir", str(data), "--out-dir", str(tmp_path / "runs"),
+            "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
+            "--epochs", "2", "--quiet", "--run-name", "r", *extra]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Run main.main(argv) in this process; returns (exit code, stdout, stderr)."""
+    def run(argv):
+        rc = main.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+    return run
+
+
+def run_cli(argv, **kw):
+    """Run `python main.py ...` in a subprocess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=kw.pop("cwd", ROOT), **kw)

@@ -1,0 +1,161 @@
+"""The data side: CSV checks, image lookup and decoding, the transforms, the decode-once cache."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import dataloader
+import dataset
+import demo_data
+from dataset import UserError
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+def test_report_transforms_are_the_reports():
+    train = dataloader.report_transform(train=True).transforms
+    kinds = [type(t) for t in train]
+    assert kinds == [transforms.Resize, transforms.RandomHorizontalFlip, transforms.RandomRotation,
+                     transforms.ToTensor, transforms.Normalize]
+    assert train[0].size == (100, 100) and train[1].p == 0.5 and train[2].degrees == [-15.0, 15.0]
+    assert list(train[4].mean) == [0.485, 0.456, 0.406] and list(train[4].std) == [0.229, 0.224, 0.225]
+    val = [type(t) for t in dataloader.report_transform(train=False).transforms]
+    assert val == [transforms.Resize, transforms.ToTensor, transforms.Normalize]
+
+
+def test_batched_normalisation_equals_torchvision():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8))
+    ref = dataloader.report_transform(train=False)(img)
+    ours = dataloader.normalize(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None])[0]
+    assert torch.allclose(ref, ours, atol=1e-5)
+
+
+def test_flip_rate_and_angle_range():
+    gen = torch.Generator().manual_seed(0)
+    flips, angles = dataloader.draw_augment_params(20000, gen)
+    assert abs(flips.float().mean().item() - 0.5) < 0.02
+    assert angles.min() >= -15 and angles.max() <= 15
+    assert angles.min() < -14.9 and angles.max() > 14.9
+    assert abs(angles.mean().item()) < 0.3  # uniform, centred
+
+
+# Measured: 0 pixels differ from torchvision's tensor rotate; at most ~0.1% from Pillow's (the report's
+# per-image path), on the rim, where nearest-neighbour rounding falls the other way. Bound: 1%.
+PIL_BOUND = 0.01
+
+
+@pytest.mark.parametrize("angle", [-15.0, -7.3, 0.0, 4.2, 11.9, 15.0])
+def test_batched_rotation_matches_torchvision(angle):
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 100, 100), dtype=np.uint8))
+    ours = dataloader.augment_batch(x, torch.tensor([False, True]), torch.tensor([angle, angle]))
+    for k, flip in enumerate([False, True]):
+        src = TF.hflip(x[k]) if flip else x[k]
+        tensor_ref = dataloader.normalize(TF.rotate(src, angle, interpolation=InterpolationMode.NEAREST)[None])[0]
+        assert torch.allclose(ours[k], tensor_ref, atol=1e-4)
+        pil = TF.to_pil_image(src).rotate(angle, resample=Image.NEAREST)  # what RandomRotation does to a PIL image
+        pil_ref = dataloader.normalize(TF.pil_to_tensor(pil)[None])[0]
+        differ = ((ours[k] - pil_ref).abs().amax(0) > 1e-4).float().mean().item()
+        assert differ <= PIL_BOUND
+
+
+def test_rotation_turns_counter_clockwise_and_fills_black():
+    x = torch.zeros(1, 3, 100, 100, dtype=torch.uint8)
+    x[..., 45:55, 80:95] = 255  # a bright patch right of centre
+    out = dataloader.augment_batch(x, torch.tensor([False]), torch.tensor([90.0]))
+    black = dataloader.normalize(torch.zeros(1, 3, 1, 1))[0, :, 0, 0]
+    bright = out[0, 0] > 0
+    ys, xs = bright.nonzero(as_tuple=True)
+    assert ys.float().mean() < 30 and 40 < xs.float().mean() < 60  # moved to the top: counter-clockwise
+    corner = dataloader.augment_batch(torch.full((1, 3, 100, 100), 200, dtype=torch.uint8), torch.tensor([False]),
+                                      torch.tensor([15.0]))[0, :, 0, 0]
+    assert torch.allclose(corner, black, atol=1e-5)
+
+
+def test_tensor_and_image_loaders_give_the_same_eval_batches(tiny_data, tmp_path):
+    kw = dict(device="cpu", cache_dir=str(tmp_path), workers=0)
+    a = dataloader.make_batches(tiny_data, "validation", 8, False, loader="tensors", **kw)
+    b = dataloader.make_batches(tiny_data, "validation", 8, False, loader="images", **kw)
+    assert isinstance(a, dataloader.TensorBatches) and isinstance(b, dataloader.ImageBatches)
+    for (xa, ya, ia), (xb, yb, ib) in zip(a.batches(a.order()), b.batches(b.order())):
+        assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb) and torch.equal(ia, ib)
+
+
+def test_memory_budget_falls_back_to_the_image_loader(tiny_data, tmp_path):
+    b = dataloader.make_batches(tiny_data, "train", 8, True, "cpu", cache_dir=str(tmp_path), workers=0,
+                                max_memory_gb=1e-6, log=lambda *a: None)
+    assert isinstance(b, dataloader.ImageBatches)
+    x, y, _ = next(b.batches(b.order(torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0)))
+    assert x.shape == (8, 3, 100, 100) and y.shape == (8,)
+    assert len(b) == 60 // 8  # drop_last in training
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def test_decoding_converts_modes_and_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (100, 100), dtype=np.uint8), "L").save(tmp_path / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (64, 80, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).convert("P").save(tmp_path / "pal.png")
+    for name in ["gray", "rgba", "pal"]:
+        im = dataset.decode_image(str(tmp_path / f"{name}.png"))
+        assert im.mode == "RGB" and im.size == (100, 100)
+
+
+def test_images_found_with_other_extensions(copy_data):
+    ids = dataset.read_split_csv(copy_data, "validation")["image_id"].tolist()
+    for k, i in enumerate(ids):  # re-save some as WebP (lossless) and some as JPEG
+        png = os.path.join(copy_data, "validation", f"{i}.png")
+        ext = ["png", "webp", "jpg"][k % 3]
+        if ext != "png":
+            kw = {"lossless": True} if ext == "webp" else {}
+            Image.open(png).save(png[:-3] + ext, **kw)
+            os.remove(png)
+    ds = dataset.CsvImageDataset(copy_data, "validation")
+    assert [os.path.splitext(p)[1] for p in ds.paths[:3]] == [".png", ".webp", ".jpg"]
+    img, label = ds[1]
+    assert img.size == (100, 100) and label == ds.labels[1]
+    img, image_id = dataset.CsvImageDataset(copy_data, "test")[0]
+    assert isinstance(image_id, str)
+
+
+def test_decode_cache_is_reused_and_invalidated(copy_data, tmp_path):
+    tmp_path = tmp_path / "cache"
+    msgs = []
+    a = dataset.load_split_tensors(copy_data, "validation", str(tmp_path), log=msgs.append)
+    b = dataset.load_split_tensors(copy_data, "validation", str(tmp_path), log=msgs.append)
+    assert len(msgs) == 1 and torch.equal(a["images"], b["images"]) and a["ids"] == b["ids"]
+    assert a["images"].dtype == torch.uint8 and a["images"].shape == (20, 3, 100, 100)
+    path = os.path.join(copy_data, "validation", a["ids"][0] + ".png")  # replace one image
+    Image.new("RGB", (100, 100), (10, 20, 30)).save(path)
+    os.utime(path, ns=(1, 1))
+    c = dataset.load_split_tensors(copy_data, "validation", str(tmp_path), log=msgs.append)
+    assert len(msgs) == 2 and c["images"][0, :, 0, 0].tolist() == [10, 20, 30]
+    assert len(os.listdir(tmp_path)) == 1  # the stale cache was removed
+
+
+def test_read_only_data_folder_caches_elsewhere(copy_data, tmp_path, monkeypatch):
+    os.chmod(copy_data, 0o555)
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert dataset.default_cache_dir(copy_data).startswith(str(tmp_path / "xdg"))
+    finally:
+        os.chmod(copy_data, 0o755)
+    assert dataset.default_cache_dir(copy_data) == os.path.join(copy_data, ".cache")
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+
+def test_demo_classes_are_not_told_apart_by_mean_colour(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    d = demo_data.build(str(tmp_path), {"train": 400, "validation": 200}, seed=3)
+    tr = dataset.load_split_tensors(d, "train", log=lambda *a: None)
+    va = dataset.load_split_tensors(d, "validation", log=lambda *a: None)
+    feat = lambda s: s["images"].float().mean((2, 3)).numpy()
+    clf = LogisticRegression(max_iter=5000).fit(feat(tr), tr["labels"].numpy())
+    assert clf.score(feat(va), va["labels"].numpy()) < 0.40
+    assert torch.bincount(va["labels"]).tolist() == [40] * 5

@@ -1,0 +1,109 @@
+"""Every input a user can get wrong gives one clear line, a non-zero exit and no traceback."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import models
+from conftest import base_args, run_cli
+
+
+def csv_path(d, split="train"):
+    return os.path.join(d, f"{split}.csv")
+
+
+def rewrite(path, fn):
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(fn(lines)) + "\n")
+
+
+def first_id(d, split="train"):
+    return open(csv_path(d, split)).read().splitlines()[1].split(",")[0]
+
+
+# (name, how to damage the data copy, what the message must mention)
+CASES = [
+    ("no data folder", lambda d: shutil.rmtree(d), "data folder"),
+    ("no csv", lambda d: os.remove(csv_path(d, "validation")), "validation.csv not found"),
+    ("no label column", lambda d: rewrite(csv_path(d), lambda l: ["image_id,klass"] + l[1:]), "no column label"),
+    ("no image_id column", lambda d: rewrite(csv_path(d, "test"), lambda l: ["id"] + l[1:]), "no column image_id"),
+    ("zero-byte csv", lambda d: open(csv_path(d), "w").close(), "empty or not a CSV"),
+    ("header only", lambda d: rewrite(csv_path(d), lambda l: l[:1]), "no rows"),
+    ("label not an integer", lambda d: rewrite(csv_path(d), lambda l: l[:3] + [l[3].split(",")[0] + ",cat"] + l[4:]),
+     "row 4: label 'cat'"),
+    ("label out of range", lambda d: rewrite(csv_path(d), lambda l: l[:2] + [l[2].split(",")[0] + ",7"] + l[3:]),
+     "row 3: label '7'"),
+    ("label not whole", lambda d: rewrite(csv_path(d), lambda l: l[:2] + [l[2].split(",")[0] + ",1.5"] + l[3:]),
+     "is not an integer in 0..4"),
+    ("duplicate id", lambda d: rewrite(csv_path(d), lambda l: l + [l[1]]), "appears more than once"),
+    ("missing images", lambda d: [os.remove(os.path.join(d, "train", f)) for f in sorted(os.listdir(os.path.join(d, "train")))[:4]],
+     "4 image(s) listed in"),
+    ("missing image folder", lambda d: shutil.rmtree(os.path.join(d, "test")), "image folder"),
+    ("corrupt image", lambda d: open(os.path.join(d, "train", first_id(d) + ".png"), "wb").write(b"\x89PNG\r\n\x1a\n garbage"),
+     "cannot be read as an image"),
+    ("truncated image", lambda d: (lambda p: open(p, "r+b").truncate(os.path.getsize(p) // 2))(
+        os.path.join(d, "train", first_id(d) + ".png")), "cannot be read as an image"),
+    ("text file as image", lambda d: open(os.path.join(d, "validation", first_id(d, "validation") + ".png"), "w").write("hello"),
+     "cannot be read as an image"),
+]
+
+
+@pytest.mark.parametrize("name,damage,expect", CASES, ids=[c[0] for c in CASES])
+def test_bad_data_gives_one_line(name, damage, expect, copy_data, tmp_path, run_main):
+    damage(copy_data)
+    rc, out, err = run_main(base_args(copy_data, tmp_path))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expect in lines[0]
+    if name not in ("no data folder",):
+        assert copy_data in lines[0]  # it names the file or folder
+    assert not os.path.exists(tmp_path / "runs")  # failed before any run folder was made
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    r = run_cli(["--model", "three", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "runs"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "nowhere" in r.stderr
+
+
+def test_ensemble_without_bases_names_what_is_missing(tiny_data, tmp_path, run_main):
+    os.makedirs(tmp_path / "ckpt")
+    checkpoint.save({"model": "three", "state_dict": models.ThreeCNN().state_dict(), "config": {}},
+                    str(tmp_path / "ckpt" / "three_best.pth"))
+    args = base_args(tiny_data, tmp_path)
+    args[1] = "ensemble"
+    rc, _, err = run_main(args)
+    assert rc == 2 and "skip" in err and "skip_best.pth" in err and "three_best.pth" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def write_ckpt(path, model_name, state_dict):
+    checkpoint.save({"model": model_name, "state_dict": state_dict, "config": {}}, str(path))
+
+
+def test_checkpoint_of_another_architecture(tiny_data, tmp_path, run_main):
+    skip = tmp_path / "skip.pth"
+    write_ckpt(skip, "skip", models.SkipConCNN().state_dict())
+    rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--evaluate", skip])
+    assert rc == 2 and "holds a 'skip' model, not 'three'" in err and str(skip) in err
+    lying = tmp_path / "lying.pth"  # says three, holds other weights
+    write_ckpt(lying, "three", models.SkipConCNN().state_dict())
+    rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--evaluate", lying])
+    assert rc == 2 and "does not fit the 'three' architecture" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random bytes", "not a checkpoint"])
+def test_corrupt_checkpoint(kind, tiny_data, tmp_path, run_main):
+    path = tmp_path / "bad.pth"
+    write_ckpt(path, "three", models.ThreeCNN().state_dict())
+    if kind == "truncated":
+        open(path, "r+b").truncate(os.path.getsize(path) // 3)
+    elif kind == "random bytes":
+        path.write_bytes(os.urandom(5000))
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--predict", path])
+    assert rc == 2 and str(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -1,0 +1,122 @@
+"""The training flow end to end on tiny generated data: loss, files, checkpoints, schedule, commands."""
+import csv
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import checkpoint
+import main
+import models
+from conftest import base_args
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One short ThreeCNN run shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("trained")
+    rc = main.main([str(a) for a in base_args(tiny_data, tmp, "--epochs", "4", "--lr", "1e-3")])
+    assert rc == 0
+    return tmp, tmp / "runs" / "r"
+
+
+def test_training_lowers_the_loss_and_writes_everything(trained, tiny_data):
+    tmp, run = trained
+    log = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
+    assert float(log[-1]["train_loss"]) < float(log[0]["train_loss"])
+    for f in ["config.json", "log.csv", "last.pth", "best.pth", "report.txt", "report.json", "submission.csv",
+              "confusion.png", "curves.png"]:
+        assert (run / f).is_file(), f
+    assert (tmp / "ckpt" / "three_best.pth").is_file()
+    sub = pd.read_csv(run / "submission.csv", dtype=str)
+    test = pd.read_csv(os.path.join(tiny_data, "test.csv"), dtype=str)
+    assert list(sub.columns) == ["image_id", "label"] and sub.image_id.tolist() == test.image_id.tolist()
+    assert set(sub.label.astype(int)) <= set(range(5))
+    rep = json.load(open(run / "report.json"))
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert rep["accuracy"] == pytest.approx(best["best_acc"])
+    assert sum(map(sum, rep["confusion_matrix"])) == 20
+    text = open(run / "report.txt").read()
+    assert "Confusion matrix (rows: actual, columns: predicted)" in text and "precision    recall  f1-score" in text
+
+
+def test_checkpoint_round_trip_with_weights_only(trained):
+    _, run = trained
+    ckpt = torch.load(run / "best.pth", weights_only=True)
+    for k in ["model", "num_classes", "config", "epoch", "best_acc", "state_dict", "optimizer", "scheduler"]:
+        assert k in ckpt
+    assert ckpt["model"] == "three" and ckpt["num_classes"] == 5 and ckpt["config"]["lr"] == 1e-3
+    m = models.ThreeCNN()
+    m.load_state_dict(ckpt["state_dict"])
+    assert all(torch.equal(a, ckpt["state_dict"][k]) for k, a in m.state_dict().items())
+
+
+def test_evaluate_and_predict_from_a_checkpoint(trained, tiny_data, run_main):
+    tmp, run = trained
+    flags = ["--data-dir", tiny_data, "--out-dir", tmp / "cmds", "--cache-dir", tmp / "cache", "--quiet"]
+    rc, out, _ = run_main(["--evaluate", run / "best.pth", *flags])
+    assert rc == 0 and "Validation accuracy" in out
+    folder = next((tmp / "cmds").glob("evaluate-three-*"))
+    assert json.load(open(folder / "report.json"))["accuracy"] == json.load(open(run / "report.json"))["accuracy"]
+    rc, out, _ = run_main(["--predict", run / "best.pth", *flags])
+    sub = next((tmp / "cmds").glob("predict-three-*")) / "submission.csv"
+    assert rc == 0 and sub.read_text() == (run / "submission.csv").read_text()
+
+
+def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main):
+    tmp, run = trained
+    before = (tmp / "ckpt" / "three_best.pth").read_bytes()
+    rc, out, _ = run_main(base_args(tiny_data, tmp, "--epochs", "1"))
+    assert rc == 0
+    assert (tmp / "runs" / "r-2").is_dir()  # the same --run-name got a new folder
+    kept = [p for p in (tmp / "ckpt").iterdir() if p.name.startswith("three_best.") and p.name != "three_best.pth"]
+    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert (run / "best.pth").is_file()
+
+
+def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_path, run_main, monkeypatch):
+    accs = iter([0.5, 0.6] + [0.6] * 20)  # improves twice, then never again
+    monkeypatch.setattr(main, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
+    rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "50", "--plateau-patience", "2",
+                                    "--plateau-factor", "0.5", "--early-stop", "4", "--lr", "1e-3"))
+    assert rc == 0 and "early stop" in out
+    log = list(csv.DictReader(open(tmp_path / "runs" / "r" / "log.csv")))
+    # best at epoch 2; epochs 3-6 bring no gain; the 4th of them stops the run
+    assert len(log) == 6
+    # ReduceLROnPlateau(patience 2) cuts after the 3rd epoch without gain (epoch 5): epoch 6 runs at half
+    assert [float(r["lr"]) for r in log] == [1e-3] * 5 + [5e-4]
+    assert torch.load(tmp_path / "runs" / "r" / "best.pth", weights_only=True)["best_epoch"] == 2
+
+
+def test_recipe_table_defaults_and_overrides():
+    cfg, _ = main.resolve_config(main.parse_args(["--model", "skip"]))
+    assert (cfg["batch_size"], cfg["lr"], cfg["plateau_patience"], cfg["early_stop"]) == (8, 5e-4, 5, 25)
+    cfg, _ = main.resolve_config(main.parse_args(["--model", "ensemble", "--lr", "3e-4"]))
+    assert (cfg["batch_size"], cfg["lr"], cfg["label_smoothing"], cfg["epochs"]) == (4, 3e-4, 0.1, 80)
+    cfg, _ = main.resolve_config(main.parse_args(["--model", "three"]))
+    assert (cfg["plateau_factor"], cfg["plateau_patience"], cfg["early_stop"], cfg["epochs"]) == (0.8, 15, 15, 200)
+
+
+def test_summary_needs_no_data(run_main):
+    rc, out, _ = run_main(["--model", "three", "--summary", "--data-dir", "/nonexistent"])
+    assert rc == 0 and "Total params: 691,781" in out
+    rc, out, _ = run_main(["--model", "ensemble", "--summary"])
+    assert rc == 0 and "trainable parameters: 727" in out
+
+
+def test_ensemble_trains_on_frozen_bases(trained, tiny_data, tmp_path, run_main):
+    tmp, run = trained
+    skip = tmp_path / "skip.pth"
+    checkpoint.save({"model": "skip", "state_dict": models.SkipConCNN().state_dict(), "config": {}}, str(skip))
+    args = base_args(tiny_data, tmp_path, "--epochs", "1", "--skip-ckpt", skip, "--three-ckpt", run / "best.pth",
+                     "--batch-size", "30")
+    args[1] = "ensemble"
+    rc, out, err = run_main(args)
+    assert rc == 0, err
+    assert "727 trainable" in out
+    ens = torch.load(tmp_path / "runs" / "r" / "best.pth", weights_only=True)["state_dict"]
+    three = torch.load(run / "best.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(ens[f"three.{k}"], v) for k, v in three.items())
