@@ -558,7 +558,10 @@ def train(cfg, given, resume):
         cfg_out = {**cfg, "device_name": device_name(device), "amp_dtype": str(amp), "world_size": WORLD,
                    "torch": torch.__version__}
         checkpoint.atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg_out, indent=2))
-        keep = [r for r in report.read_log(log_csv) if r["epoch"] <= epoch] if ckpt and os.path.exists(log_csv) else []
+        keep = []
+        if ckpt and os.path.exists(log_csv):
+            with open(log_csv, newline="") as f:
+                keep = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
         write_log(log_csv, keep)  # a resumed run continues its log; rows past the checkpoint are dropped
         log(f"run folder: {run_dir}\nmodel {cfg['model']} ({models.count_params(raw, True):,} trainable parameters) on "
             f"{device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "

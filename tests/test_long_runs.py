@@ -1,0 +1,249 @@
+"""Runs that survive: resume, determinism, atomic writes, safe loading, interrupts, NaN, resources."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import demo_data
+import main
+import models
+from conftest import ROOT, base_args, run_cli
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Enough training images for an epoch to last long enough to be interrupted in the middle."""
+    return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 200, "validation": 20, "test": 10}, seed=2)
+
+
+def args_for(data, tmp, *extra):
+    return base_args(data, tmp, "--epochs", "3", "--batch-size", "4", "--deterministic", "--seed", "5",
+                     "--cache-dir", tmp.parent / "cache", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The same run, never interrupted."""
+    tmp = tmp_path_factory.mktemp("ref") / "x"
+    r = run_cli(args_for(data, tmp))
+    assert r.returncode == 0, r.stderr
+    return tmp / "runs" / "r"
+
+
+def epoch_of(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except Exception:
+        return -1
+
+
+def start_and_wait_for_epoch_1(argv):
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = Path(argv[argv.index("--out-dir") + 1]) / "r" / "last.pth"
+    deadline = time.time() + 120
+    while epoch_of(last) < 1:
+        assert p.poll() is None and time.time() < deadline, "run ended before its first epoch was saved"
+        time.sleep(0.05)
+    time.sleep(0.4)  # well inside epoch 2 (50 steps)
+    return p, last
+
+
+def assert_same_run(a, b):
+    ca, cb = (torch.load(d / "last.pth", weights_only=True) for d in (a, b))
+    for k, v in ca["state_dict"].items():
+        assert torch.equal(v, cb["state_dict"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert ca["best_acc"] == cb["best_acc"] and ca["epoch"] == cb["epoch"] == 3 and ca["finished"] and cb["finished"]
+    la, lb = (list(csv.DictReader(open(d / "log.csv"))) for d in (a, b))
+    assert [int(r["epoch"]) for r in lb] == [1, 2, 3]  # the log continued, no epoch twice
+    for ra, rb in zip(la, lb):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+    assert (a / "submission.csv").read_text() == (b / "submission.csv").read_text()
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(data, reference, tmp_path):
+    argv = args_for(data, tmp_path)
+    p, last = start_and_wait_for_epoch_1(argv)
+    p.kill()
+    assert p.wait() == -signal.SIGKILL
+    assert epoch_of(last) == 1
+    r = run_cli(args_for(data, tmp_path, "--resume", tmp_path / "runs" / "r"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert_same_run(reference, tmp_path / "runs" / "r")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_mid_epoch_and_resumes_exactly(sig, code, data, reference, tmp_path):
+    argv = args_for(data, tmp_path)
+    p, last = start_and_wait_for_epoch_1(argv)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    run = tmp_path / "runs" / "r"
+    assert f"python main.py --resume {run}" in out
+    ck = torch.load(last, weights_only=True)
+    assert ck["epoch"] == 1 and 0 < ck["step"] < 50  # stopped inside epoch 2, after a whole step
+    r = run_cli(["--resume", run, "--quiet"])  # the saved configuration is enough to continue
+    assert r.returncode == 0, r.stderr
+    assert "step" in r.stdout
+    assert_same_run(reference, run)
+
+
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(data, tmp_path):
+    p, last = start_and_wait_for_epoch_1(args_for(data, tmp_path))
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert epoch_of(last) >= 1  # intact and loadable
+
+
+def test_same_seed_same_run_different_seed_different_run(data, tmp_path, run_main):
+    sd = []
+    for k, seed in enumerate([1, 1, 2]):
+        rc, _, _ = run_main(base_args(data, tmp_path / str(k), "--epochs", "1", "--seed", seed, "--deterministic"))
+        assert rc == 0
+        sd.append(torch.load(tmp_path / str(k) / "runs" / "r" / "last.pth", weights_only=True)["state_dict"])
+    w = "features.0.weight"
+    assert torch.equal(sd[0][w], sd[1][w]) and not torch.equal(sd[0][w], sd[2][w])
+
+
+def test_resuming_a_finished_run_does_nothing(reference, tmp_path):
+    before = (reference / "last.pth").read_bytes()
+    r = run_cli(["--resume", reference / "last.pth"])
+    assert r.returncode == 0 and "already finished" in r.stdout
+    assert (reference / "last.pth").read_bytes() == before
+
+
+def test_resume_refuses_another_model_or_other_settings(reference, run_main):
+    rc, _, err = run_main(["--resume", reference, "--lr", "0.1"])
+    assert rc == 2 and "cannot resume" in err and "--lr 0.1" in err
+    rc, _, err = run_main(["--resume", reference, "--model", "skip"])
+    assert rc == 2 and "holds a 'three' model, not 'skip'" in err
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import checkpoint
+i = 0
+while True:
+    i += 1
+    checkpoint.save({{"model": "three", "state_dict": {{"w": torch.full((1_000_000,), float(i))}}, "i": i}}, {path!r})
+    if i == 1:
+        print("saved", flush=True)
+"""
+
+
+def test_a_kill_during_saves_leaves_the_old_or_the_new_file(tmp_path):
+    path = str(tmp_path / "c.pth")
+    seen = set()
+    for k in range(8):
+        p = subprocess.Popen([sys.executable, "-c", SAVER.format(root=ROOT, path=path)], stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "saved"
+        time.sleep(0.05 + 0.037 * k)  # land at different points of the writes that follow
+        p.kill()
+        p.wait()
+        ck = checkpoint.load(path)  # never torn: loads, and is one consistent version
+        assert torch.all(ck["state_dict"]["w"] == ck["i"])
+        seen.add(ck["i"])
+    assert len(seen) > 1
+
+
+def test_reports_and_submissions_are_written_atomically(tmp_path, monkeypatch):
+    import report
+    target = tmp_path / "submission.csv"
+    report.write_submission(str(target), ["a", "b"], [1, 2])
+    good = target.read_text()
+
+    def torn(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", torn)  # the write fails half way
+    with pytest.raises(OSError):
+        report.write_submission(str(target), ["a", "b", "c"], [0, 0, 0])
+    assert target.read_text() == good and os.listdir(tmp_path) == ["submission.csv"]
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, tiny_data, run_main):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": "three", "state_dict": models.ThreeCNN().state_dict(), "config": {}, "x": Payload()}, evil)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--evaluate", evil])
+    assert rc == 2 and "pickled code" in err and str(evil) in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, run_main,
+                                                                                 monkeypatch):
+    real = models.ThreeCNN.forward
+    calls = {"train": 0}
+
+    def forward(self, x):
+        out = real(self, x)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 7 + 3:  # epoch 2 (7 steps per epoch), step 3
+                return out * float("nan")
+        return out
+    monkeypatch.setattr(models.ThreeCNN, "forward", forward)
+    rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "3"))
+    assert rc == 3 and "at epoch 2, step 3" in out
+    assert epoch_of(tmp_path / "runs" / "r" / "last.pth") == 1
+    assert torch.isfinite(torch.load(tmp_path / "runs" / "r" / "last.pth", weights_only=True)
+                          ["state_dict"]["features.0.weight"]).all()
+
+
+def test_detect_anomaly_flag(tiny_data, tmp_path, run_main, monkeypatch):
+    seen = []
+    real = models.ThreeCNN.forward
+    monkeypatch.setattr(models.ThreeCNN, "forward", lambda self, x: seen.append(torch.is_anomaly_enabled()) or real(self, x))
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--detect-anomaly"))[0] == 0
+    assert seen and all(seen)
+    seen.clear()
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "1"))[0] == 0
+    assert seen and not any(seen)
+
+
+# ---------------------------------------------------------------------------------------------- resources
+
+def test_out_of_memory_names_the_batch_size_and_the_flag(tiny_data, tmp_path, run_main, monkeypatch):
+    def oom(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(models.ThreeCNN, "forward", oom)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path))
+    assert rc == 2 and "batch size 8" in err and "--batch-size 4" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output_folder_is_reported_before_training(tiny_data, tmp_path, run_main):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = base_args(tiny_data, tmp_path)
+    args[args.index("--out-dir") + 1] = blocker / "runs"
+    rc, out, err = run_main(args)
+    assert rc == 2 and "cannot write to" in err and "epoch" not in out
+
+
+def test_full_disk_is_reported_before_training(tiny_data, tmp_path, run_main, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    rc, out, err = run_main(base_args(tiny_data, tmp_path))
+    assert rc == 2 and "MB free" in err and "epoch" not in out
