@@ -38,11 +38,17 @@ def report_transform(train):
 # ----------------------------------------------------------------------------------------------
 # The same augmentation on a whole batch at once (any device)
 
+_NORM = {}
+
+
 def normalize(x):
-    """uint8 or 0..255 float (N,3,H,W) -> ImageNet-normalised float32."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x.float() - mean) / std
+    """uint8 or 0..255 float (N,3,H,W) -> ImageNet-normalised float32, in one fused multiply-add."""
+    if x.device not in _NORM:
+        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+        _NORM[x.device] = (1 / std, -mean / std)
+    scale, shift = _NORM[x.device]
+    return torch.addcmul(shift, x.float(), scale)
 
 
 def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P):
@@ -68,11 +74,38 @@ def rotate(x, angles):
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def _theta(angles, device):
+    rad = angles.to(device, torch.float32) * (math.pi / 180)
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    # theta maps output coordinates to input coordinates (x right, y down): rotating the picture by +a
+    # counter-clockwise samples the input at the output point turned by -a on screen.
+    return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+
 def augment_batch(x, flips, angles):
-    """The report's train augmentation on a uint8 batch: flip where `flips`, rotate by `angles`, normalise."""
-    x = x.float()
-    x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
-    return normalize(rotate(x, angles))
+    """The report's train augmentation on a uint8 batch (N,3,H,W): flip where `flips`, rotate by `angles`
+    (nearest pixel, zero fill), normalise.
+
+    Nearest-pixel rotation only moves pixels, so instead of interpolating float images (grid_sample)
+    we compute each output pixel's source index once, with grid_sample's own coordinates and rounding,
+    and gather the uint8 pixels: a third of the memory traffic, and the flip folds into the same index.
+    """
+    n, c, h, w = x.shape
+    grid = F.affine_grid(_theta(angles, x.device), [n, c, h, w], align_corners=False)
+    ix = torch.round(((grid[..., 0] + 1) * w - 1) / 2)  # grid_sample's unnormalisation; round half to even
+    iy = torch.round(((grid[..., 1] + 1) * h - 1) / 2)  # like its nearbyint
+    inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
+    ix = torch.where(flips.to(x.device).view(-1, 1, 1), w - 1 - ix, ix)  # flip first: read the mirrored column
+    src = (iy * w + ix).long().clamp_(0, h * w - 1).view(n, 1, h * w).expand(n, c, h * w)
+    out = x.reshape(n, c, h * w).gather(2, src) * inside.view(n, 1, h * w)
+    return normalize(out.view(n, c, h, w))
+
+
+def rotate(x, angles):
+    """Rotate a float batch (N,3,H,W) by `angles` degrees about the centre: nearest pixel, zero fill
+    (counter-clockwise for positive angles, as torchvision's rotate). Used for test-time views."""
+    grid = F.affine_grid(_theta(angles, x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 TTA_ANGLES = (8.0, -8.0)

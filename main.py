@@ -62,7 +62,7 @@ PRESETS = {
 # Everything else a run is made of, with its default (None: decided at run time).
 DEFAULTS = dict(
     model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last=True,
-    compile=False, loader="tensors", workers=4, pin_memory=True, max_memory_gb=4.0, cache_dir=None,
+    compile=False, loader="tensors", workers=min(4, os.cpu_count() or 1), pin_memory=True, max_memory_gb=4.0, cache_dir=None,
     eval_batch_size=256, scheduler="plateau", ema=0.0, class_weights=None, focal_gamma=0.0, mixup=0.0,
     cutmix=0.0, tta=False, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
@@ -71,6 +71,8 @@ DEFAULTS = dict(
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly", "loader", "cache_dir",
                      "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir"}
+
+# workers: the report's 4, fewer on a machine with fewer cores (more workers than cores only contend).
 
 DEMO_DIR = "demo_data"
 DEMO_EPOCHS = 8
@@ -302,14 +304,16 @@ def make_mix(cfg):
     return v2.RandomChoice(ops) if ops else None
 
 
-def loaders_for(cfg, device, splits, train_split=None):
+def loaders_for(cfg, device, splits, train_split=None, sharded=True):
+    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch."""
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
               pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log)
     out = {}
     for split in splits:
         train = split == train_split
         bs = cfg["batch_size"] if train else cfg["eval_batch_size"]
-        out[split] = dataloader.make_batches(cfg["data_dir"], split, bs, train, shard=(RANK, WORLD), **kw)
+        out[split] = dataloader.make_batches(cfg["data_dir"], split, bs, train,
+                                             shard=(RANK, WORLD) if sharded else (0, 1), **kw)
     return out
 
 
@@ -719,7 +723,7 @@ def vote_probs(cfg, paths, batches, device, amp, expect_model=None):
 
 
 def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None):
-    va = loaders_for(cfg, device, ["validation"])["validation"]
+    va = loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
     probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model)
     y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
     rep = report.build_report(y, pred)
@@ -733,7 +737,7 @@ def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_mode
 
 
 def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None):
-    te = loaders_for(cfg, device, ["test"])["test"]
+    te = loaders_for(cfg, device, ["test"], sharded=False)["test"]
     probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model)
     ids = [te.ids[i] for i in pos.tolist()]
     report.write_submission(out_csv, ids, probs.argmax(1).tolist())

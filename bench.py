@@ -1,0 +1,199 @@
+"""Benchmark: the report's per-image path against the fast path, in one process, alternating the two.
+
+    python bench.py                      demo data, every model (builds demo_data/ if absent)
+    python bench.py --data-dir dataset   the real data
+    python bench.py --quick              a short check (ThreeCNN and SkipConCNN, < 60 s on 2 CPU cores)
+    python bench.py --json out.json      also write the figures as JSON
+
+baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
+          fp32, NCHW, the report's batch size (as the report's code does).
+fast:     the split decoded once into a uint8 tensor on the device, whole batches augmented there,
+          mixed precision (--amp auto), channels_last; inference at batch 256 under inference_mode.
+Stages: input (images/s out of the loader), train (data + step, per model), infer (per model).
+Rounds alternate baseline and fast so that machine drift hits both; the median round is reported.
+On CUDA it adds achieved TFLOP/s, MFU (FLOPs from torch.utils.flop_counter) and peak memory.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import dataloader
+import demo_data
+import main
+import models
+
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forever(loader, gen):
+    while True:
+        yield from loader.batches(loader.order(gen), gen)
+
+
+def timed(it, steps, warmup, device):
+    """images/s over `steps` items of `it`, after `warmup` items (worker start-up, cuDNN autotuning)."""
+    for _ in range(warmup):
+        next(it)
+    sync(device)
+    t, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += next(it)
+    sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def input_steps(loader, gen):
+    for x, _, _ in forever(loader, gen):
+        yield len(x)
+
+
+def train_steps(model, loader, gen, amp, channels_last, device):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    model.train()
+    for x, y, _ in forever(loader, gen):
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        yield len(x)
+
+
+def infer_steps(model, loader, amp, channels_last, device):
+    model.eval()
+    for x, _, _ in forever(loader, None):
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(x)
+        yield len(x)
+
+
+def flops_per_image(model, device, train):
+    x = torch.randn(2, 3, 100, 100, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            model.train()
+            F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=device)).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model.eval()(x)
+    return counter.get_total_flops() / 2
+
+
+def main_bench(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=main.DEMO_DIR)
+    p.add_argument("--models", default=None, help="comma list (default: three,skip,ensemble; quick: three,skip)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--workers", type=int, default=main.DEFAULTS["workers"], help="baseline DataLoader workers "
+                   "(the report's 4, at most one per core)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.data_dir == main.DEMO_DIR:
+        demo_data.ensure(main.DEMO_DIR)
+    device = torch.device(a.device)
+    torch.backends.cudnn.benchmark = True
+    amp = main.amp_dtype({"amp": a.amp}, device)
+    names = (a.models or ("three,skip" if a.quick else "three,skip,ensemble")).split(",")
+    rounds = a.rounds or (2 if a.quick else 3)
+    cpu = device.type == "cpu"
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                  and k in torch.cuda.get_device_name(device)), None)
+    dev_name = main.device_name(device)
+    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}; "
+          f"{rounds} alternating rounds, median shown")
+
+    def loaders(batch, train, kind):
+        return dataloader.make_batches(a.data_dir, "train", batch, train, device, loader=kind, cache_dir=a.cache_dir,
+                                       workers=a.workers, log=lambda *m: None)
+
+    def steps_for(name, stage):  # fewer steps for the heavy models on a CPU
+        heavy = name in ("skip", "ensemble")
+        if stage == "input":
+            return 40 if a.quick else 150
+        if cpu:
+            return (1 if a.quick else 3) if heavy else (8 if a.quick else 30)
+        return 30 if heavy else 200
+
+    rows = []
+
+    def measure(stage, name, make_baseline, make_fast, batch_b, batch_f, extra=None):
+        res = {"baseline": [], "fast": []}
+        mem = {}
+        for _ in range(rounds):
+            for variant, make in (("baseline", make_baseline), ("fast", make_fast)):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                res[variant].append(timed(make(), steps_for(name, stage), 1 if stage != "input" else 2, device))
+                if device.type == "cuda":
+                    mem[variant] = torch.cuda.max_memory_allocated(device) / 2**20
+        row = {"stage": stage, "model": name, "baseline_img_s": statistics.median(res["baseline"]),
+               "fast_img_s": statistics.median(res["fast"]), "baseline_batch": batch_b, "fast_batch": batch_f}
+        row["ratio"] = row["fast_img_s"] / row["baseline_img_s"]
+        if extra:
+            row.update(extra(row))
+        if mem:
+            row.update(baseline_peak_mib=mem["baseline"], fast_peak_mib=mem["fast"])
+        rows.append(row)
+        print(f"{stage:<6} {name:<9} baseline {row['baseline_img_s']:9.1f} img/s   fast {row['fast_img_s']:9.1f} img/s"
+              f"   x{row['ratio']:6.2f}" + "".join(f"   {k} {v:.3g}" for k, v in row.items() if k.endswith(("tflops", "mfu", "mib"))))
+
+    # input pipeline: the report's train loader against the decoded tensor with batched augmentation
+    gen = torch.Generator().manual_seed(0)
+    slow_in, fast_in = loaders(16, True, "images"), loaders(16, True, "tensors")
+    measure("input", "-", lambda: input_steps(slow_in, gen), lambda: input_steps(fast_in, gen), 16, 16)
+
+    for name in names:
+        batch = main.RECIPES[name]["batch_size"]
+        base_model = models.EnsembleCNN() if name == "ensemble" else models.build_model(name)
+        base_model = base_model.to(device)
+        fast_model = (models.EnsembleCNN() if name == "ensemble" else models.build_model(name)).to(device)
+        fast_model = fast_model.to(memory_format=torch.channels_last)
+        slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
+
+        def flops_extra(train):
+            fpi = flops_per_image(fast_model, device, train)
+
+            def extra(row):
+                out = {"gflop_per_image": fpi / 1e9, "fast_tflops": fpi * row["fast_img_s"] / 1e12}
+                if peak:
+                    out["fast_mfu"] = out["fast_tflops"] / peak
+                return out
+            return extra
+        measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device),
+                lambda: train_steps(fast_model, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
+        slow_ev, fast_ev = loaders(batch, False, "images"), loaders(256, False, "tensors")
+        measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
+                lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, 256, flops_extra(False))
+
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": dev_name, "data_dir": a.data_dir, "quick": a.quick, "rounds": rounds,
+                       "fast_precision": str(amp), "peak_tflops": peak, "rows": rows}, f, indent=2)
+        print(f"wrote {a.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main_bench()
