@@ -1,0 +1,113 @@
+"""Around the loop: progress output, run folders, pictures, error analysis, comparison, multi-process."""
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT, base_args
+
+
+def png_size(path):
+    data = open(path, "rb").read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    assert main.main([str(a) for a in base_args(tiny_data, tmp, "--epochs", "3")]) == 0
+    return tmp, tmp / "runs" / "r"
+
+
+def test_plain_output_is_one_line_per_epoch(run, tiny_data, tmp_path, run_main):
+    rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "2"))
+    epoch_lines = [l for l in out.splitlines() if l.startswith("epoch ")]
+    assert rc == 0 and len(epoch_lines) == 2 and "\r" not in out
+    assert "lr " in epoch_lines[0] and "val loss" in epoch_lines[0] and "train loss" in epoch_lines[0]
+
+
+def test_progress_bars_on_a_terminal_only(monkeypatch):
+    cfg = dict(main.DEFAULTS)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert not main.progress(10, "x", cfg).disable
+    assert main.progress(10, "x", {**cfg, "quiet": True}).disable
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert main.progress(10, "x", cfg).disable
+
+
+def test_run_folder_holds_config_log_report_submission_and_pictures(run):
+    _, folder = run
+    cfg = json.load(open(folder / "config.json"))
+    assert cfg["model"] == "three" and cfg["batch_size"] == 8 and cfg["lr"] == 5e-4 and "device_name" in cfg
+    rows = list(csv.DictReader(open(folder / "log.csv")))
+    assert list(rows[0]) == main.LOG_FIELDS and len(rows) == 3
+    rep = json.load(open(folder / "report.json"))
+    assert set(rep["classes"]) == {"0", "1", "2", "3", "4"} and {"precision", "recall", "f1-score"} <= set(rep["classes"]["4"])
+    for name, min_size in [("confusion.png", (400, 200)), ("curves.png", (600, 150))]:
+        w, h = png_size(folder / name)
+        assert w >= min_size[0] and h >= min_size[1] and w < 3000 and h < 3000
+
+
+def test_report_json_agrees_with_the_printed_report(run):
+    _, folder = run
+    rep = json.load(open(folder / "report.json"))
+    text = open(folder / "report.txt").read()
+    assert f"Validation accuracy: {rep['accuracy'] * 100:.2f}%" in text
+    for a, row in enumerate(rep["confusion_matrix"]):
+        assert f"| {a}        |" + "|".join(f"{v:>4} " for v in row) + "|" in text
+
+
+def test_analyze_writes_confusions_and_galleries(run, tiny_data, run_main):
+    tmp, folder = run
+    rc, out, _ = run_main(["--analyze", folder / "best.pth", "--data-dir", tiny_data, "--out-dir", tmp / "a",
+                           "--cache-dir", tmp / "cache", "--quiet"])
+    assert rc == 0 and "Most confused pairs" in out
+    d = next((tmp / "a").glob("analyze-three-*"))
+    text = open(d / "analysis.txt").read()
+    rep = json.load(open(d / "report.json"))
+    for m in rep["most_confused"]:
+        assert f"{m['actual']} -> {m['predicted']}: {m['count']}" in text
+    assert png_size(d / "worst.png")[0] > 300 and png_size(d / "samples.png")[0] > 300
+
+
+def test_compare_lists_finished_runs(run, run_main):
+    tmp, folder = run
+    rc, out, _ = run_main(["--compare", folder])
+    rep = json.load(open(folder / "report.json"))
+    line = next(l for l in out.splitlines() if l.startswith("r "))
+    assert rc == 0 and "three" in line and f"{rep['accuracy'] * 100:.2f}%" in line
+    assert f"{rep['classes']['4']['recall']:.3f}" in line and " 3 " in line
+    rc, out, _ = run_main(["--compare", "--out-dir", tmp / "runs"])
+    assert rc == 0 and "r " in out
+
+
+def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path):
+    """DDP with gloo on the CPU: each process trains on half of every batch, gradients are averaged, so
+    the run follows the single-process one; BatchNorm sees half batches and dropout draws differ, so
+    the match is approximate: train loss within 15% and the same epoch count."""
+    args = [str(a) for a in base_args(tiny_data, tmp_path, "--epochs", "2", "--amp", "off")]
+    one = subprocess.run([sys.executable, "main.py", *args, "--run-name", "one"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "main.py", *args, "--run-name", "two"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("epoch   1/2") == 1  # only rank 0 prints
+    cfg = json.load(open(tmp_path / "runs" / "two" / "config.json"))
+    assert cfg["world_size"] == 2
+    la, lb = (list(csv.DictReader(open(tmp_path / "runs" / n / "log.csv"))) for n in ("one", "two"))
+    assert len(la) == len(lb) == 2
+    for ra, rb in zip(la, lb):
+        assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) / float(ra["train_loss"]) < 0.15
+    rep = json.load(open(tmp_path / "runs" / "two" / "report.json"))
+    assert rep["n"] == 20  # the final report covers the whole validation set
+    sub = (tmp_path / "runs" / "two" / "submission.csv").read_text().splitlines()
+    assert len(sub) == 11
