@@ -125,7 +125,8 @@ def parse_args(argv):
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     s.add_argument("--loader", choices=["tensors", "images"], help="tensors: decode once, augment batches "
                    "(default); images: the report's per-image Pillow + DataLoader path")
-    s.add_argument("--workers", type=int, help="DataLoader workers for --loader images (default 4)")
+    s.add_argument("--workers", type=int, help="DataLoader workers for --loader images (default: the "
+                   "report's 4, at most one per core)")
     s.add_argument("--pin-memory", action=argparse.BooleanOptionalAction)
     s.add_argument("--max-memory-gb", type=float, help="largest decoded split held in memory (default 4)")
     s.add_argument("--cache-dir", help="where decoded splits are cached (default DATA/.cache or ~/.cache)")
@@ -700,14 +701,10 @@ def promote(best, cfg):
 
 def load_for_eval(path, cfg, device, expect_model=None):
     ckpt = checkpoint.load(path, expect_model=expect_model)
-    ccfg = {**cfg, **{k: ckpt["config"][k] for k in ("skip_ckpt", "three_ckpt", "ckpt_dir") if k in ckpt["config"]}}
-    if ckpt["model"] == "ensemble":
-        model = models.EnsembleCNN()  # the checkpoint holds the bases' weights too
-    else:
-        model = models.build_model(ckpt["model"])
+    model = models.build_model(ckpt["model"])  # an ensemble's checkpoint holds its bases' weights too
     checkpoint.load_weights(model, {**ckpt, "state_dict": eval_state(ckpt)}, path)
     model = model.to(device)
-    if ccfg["channels_last"]:
+    if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
 

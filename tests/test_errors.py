@@ -63,6 +63,14 @@ def test_bad_data_gives_one_line(name, damage, expect, copy_data, tmp_path, run_
     assert not os.path.exists(tmp_path / "runs")  # failed before any run folder was made
 
 
+def test_bad_image_in_a_loader_worker_gives_the_same_line(copy_data, tmp_path, run_main):
+    bad = os.path.join(copy_data, "train", first_id(copy_data) + ".png")
+    open(bad, "wb").write(b"not a png")
+    rc, out, err = run_main(base_args(copy_data, tmp_path, "--loader", "images", "--workers", "1"))
+    assert rc == 2 and err.strip().splitlines() == [f"error: {bad} cannot be read as an image (UnidentifiedImageError): "
+                                                    f"replace it with the original or remove its row from the CSV"]
+
+
 def test_cli_error_has_no_traceback(tmp_path):
     r = run_cli(["--model", "three", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "runs"])
     assert r.returncode == 2 and "Traceback" not in r.stderr

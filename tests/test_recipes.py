@@ -1,0 +1,110 @@
+"""Beyond the report's recipe: TTA, EMA, class weights, focal loss, mixup/cutmix, soft votes, presets."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dataloader
+import main
+import models
+from dataset import UserError
+from conftest import base_args
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ema")
+    assert main.main([str(a) for a in base_args(tiny_data, tmp, "--ema", "0.9", "--epochs", "2")]) == 0
+    return tmp, tmp / "runs" / "r"
+
+
+def test_tta_averages_the_softmax_over_its_views(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = models.ThreeCNN().eval()
+    batches = dataloader.make_batches(tiny_data, "validation", 8, False, "cpu", cache_dir=str(tmp_path),
+                                      log=lambda *a: None)
+    cfg = {**main.DEFAULTS, "quiet": True}
+    probs, pos, _, _ = main.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
+    x, _, _ = next(batches.batches(batches.order()))
+    views = dataloader.tta_views(x)
+    assert len(views) == 4 and torch.equal(views[1], x.flip(3))
+    with torch.no_grad():
+        manual = sum(model(v).softmax(1) for v in views) / 4
+    assert torch.allclose(probs[:8], manual, atol=1e-5)
+
+
+def test_tta_rotated_views_fill_black():
+    x = dataloader.normalize(torch.full((1, 3, 100, 100), 255, dtype=torch.uint8))
+    corner = dataloader.tta_views(x)[2][0, :, 0, 0]
+    assert torch.allclose(corner, dataloader.normalize(torch.zeros(1, 3, 1, 1))[0, :, 0, 0], atol=1e-5)
+
+
+def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main):
+    tmp, run = ema_run
+    ck = torch.load(run / "best.pth", weights_only=True)
+    ema, raw = ck["ema_state_dict"], ck["state_dict"]
+    assert ema is not None and not torch.equal(ema["features.0.weight"], raw["features.0.weight"])
+    assert main.eval_state(ck) is ema
+    rc, out, _ = run_main(["--evaluate", run / "best.pth", "--data-dir", tiny_data, "--out-dir", tmp / "e",
+                           "--cache-dir", tmp / "cache"])
+    assert rc == 0 and f"{100 * ck['best_acc']:.2f}%" in out  # the best metric was measured on the EMA
+
+
+def test_class_weights_auto_and_listed():
+    cfg = dict(main.DEFAULTS, class_weights="auto")
+    w = main.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
+    assert w[4] == w.max() and w[4] > 1 > w[0]
+    assert main.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
+    assert main.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
+    with pytest.raises(UserError):
+        main.class_weights(dict(cfg, class_weights="1,2"), "cpu")
+
+
+def test_focal_loss():
+    logits = torch.tensor([[4.0, 0, 0, 0, 0], [0.2, 0, 0, 0, 0]])
+    y = torch.tensor([0, 0])
+    ce = main.make_loss(dict(main.DEFAULTS, label_smoothing=0.0))
+    f0 = main.make_loss(dict(main.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
+    f2 = main.make_loss(dict(main.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
+    assert torch.allclose(f0(logits, y), ce(logits, y), atol=1e-6)
+    per = [f2(logits[i:i + 1], y[i:i + 1]) / ce(logits[i:i + 1], y[i:i + 1]) for i in range(2)]
+    assert per[0] < per[1] < 1  # easy examples are down-weighted most
+    soft = F.one_hot(y, 5).float()
+    assert torch.allclose(f2(logits, soft), f2(logits, y))
+
+
+def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main):
+    mix = main.make_mix(dict(main.DEFAULTS, mixup=0.2, cutmix=1.0))
+    x, y = torch.randn(8, 3, 100, 100), torch.arange(8) % 5
+    xm, ym = mix(x, y)
+    assert xm.shape == x.shape and ym.shape == (8, 5) and torch.allclose(ym.sum(1), torch.ones(8))
+    assert main.make_mix(main.DEFAULTS) is None
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "1",
+                                    "--focal-gamma", "2", "--class-weights", "auto"))
+    assert rc == 0, err
+
+
+def test_soft_vote_of_checkpoints(ema_run, tiny_data, run_main):
+    tmp, run = ema_run
+    flags = ["--data-dir", tiny_data, "--out-dir", tmp / "v", "--cache-dir", tmp / "cache", "--quiet"]
+    rc, _, _ = run_main(["--evaluate", run / "best.pth", *flags])
+    single = json.load(open(next((tmp / "v").glob("evaluate-three-*")) / "report.json"))
+    rc, out, _ = run_main(["--evaluate", "vote", "--ensemble-of", run / "best.pth", run / "best.pth", *flags])
+    vote = json.load(open(next((tmp / "v").glob("evaluate-vote-*")) / "report.json"))
+    assert rc == 0 and vote["confusion_matrix"] == single["confusion_matrix"] and len(vote["checkpoints"]) == 2
+    rc, out, _ = run_main(["--predict", "vote", "--ensemble-of", run / "best.pth", run / "last.pth", *flags])
+    assert rc == 0 and (next((tmp / "v").glob("predict-vote-*")) / "submission.csv").is_file()
+    rc, _, err = run_main(["--evaluate", "vote", *flags])
+    assert rc == 2 and "--ensemble-of" in err
+
+
+def test_presets_keep_the_report_recipe_and_add_best(tiny_data, tmp_path, run_main):
+    report_cfg, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "report"]))
+    plain_cfg, _ = main.resolve_config(main.parse_args(["--model", "three"]))
+    assert report_cfg == plain_cfg and report_cfg["scheduler"] == "plateau" and report_cfg["ema"] == 0
+    best, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "best", "--epochs", "7"]))
+    assert best["scheduler"] == "cosine" and best["tta"] and best["ema"] > 0 and best["epochs"] == 7
+    assert best["batch_size"] == 16  # the table still supplies what the preset leaves alone
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--preset", "best", "--epochs", "2"))
+    assert rc == 0, err
