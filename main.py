@@ -492,8 +492,6 @@ def new_run_dir(cfg):
 
 
 def train(cfg, given, resume):
-    device = setup_distributed(cfg)
-    amp = amp_dtype(cfg, device)
     ckpt = None
     if resume:
         path = find_resume(cfg, resume)
@@ -505,6 +503,8 @@ def train(cfg, given, resume):
                 f"{100 * ckpt['best_acc']:.2f}%); nothing to do")
             return 0
         run_dir = os.path.dirname(os.path.abspath(path))
+    device = setup_distributed(cfg)  # after a resume has restored the run's own settings
+    amp = amp_dtype(cfg, device)
     gen = seed_everything(cfg["seed"], cfg["deterministic"])
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
     check_data(cfg)

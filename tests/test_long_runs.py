@@ -125,6 +125,20 @@ def test_resuming_a_finished_run_does_nothing(reference, tmp_path):
     assert (reference / "last.pth").read_bytes() == before
 
 
+def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monkeypatch):
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--amp", "off", "--lr", "2e-4"))[0] == 0
+    last = tmp_path / "runs" / "r" / "last.pth"
+    ck = torch.load(last, weights_only=True)
+    ck["finished"], ck["config"]["epochs"] = False, 2  # as if it had been stopped with an epoch to go
+    checkpoint.save(ck, str(last))
+    seen = []
+    real = main.amp_dtype
+    monkeypatch.setattr(main, "amp_dtype", lambda cfg, dev: seen.append(cfg["amp"]) or real(cfg, dev))
+    rc, out, _ = run_main(["--resume", last, "--quiet"])
+    assert rc == 0 and seen[0] == "off"
+    assert torch.load(last, weights_only=True)["config"]["lr"] == 2e-4
+
+
 def test_resume_refuses_another_model_or_other_settings(reference, run_main):
     rc, _, err = run_main(["--resume", reference, "--lr", "0.1"])
     assert rc == 2 and "cannot resume" in err and "--lr 0.1" in err
