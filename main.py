@@ -81,7 +81,7 @@ DEMO_EPOCHS = 8
 # ==============================================================================================
 # Command line
 
-def parse_args(argv):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
     a = p.add_argument
@@ -140,7 +140,11 @@ def parse_args(argv):
     o.add_argument("--skip-ckpt", help="the ensemble's SkipConCNN base (default CKPT_DIR/skip_best.pth)")
     o.add_argument("--three-ckpt", help="the ensemble's ThreeCNN base (default CKPT_DIR/three_best.pth)")
     o.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="one line per epoch, no progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def resolve_config(args):
