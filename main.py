@@ -384,13 +384,12 @@ def train_steps(state, batches, order, start, epoch, stats):
         if state["ema"] is not None:
             state["ema"].update_parameters(state["raw"])
         losses[done] = loss.detach()
-        stats += torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum().float(),
-                              torch.tensor(float(len(y)), device=y.device)])
+        stats[0] += loss.detach() * len(y)
+        stats[1] += (out.argmax(1) == y).sum()
+        stats[2] += len(y)
         done += 1
         if done % 50 == 0 or done == len(batches):
-            bad = (~torch.isfinite(losses[:done])).nonzero()
-            if len(bad):
-                raise NumericalError(f"loss became {losses[bad[0, 0]].item()} at epoch {epoch}, step {bad[0, 0].item() + 1}")
+            check_finite(losses[:done], epoch)
             if bar.disable is False:
                 bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}",
                                 acc=f"{100 * stats[1].item() / stats[2].item():.1f}%",
@@ -399,10 +398,16 @@ def train_steps(state, batches, order, start, epoch, stats):
         if Stop.signal is not None:
             break
     bar.close()
-    bad = (~torch.isfinite(losses[:done])).nonzero()
-    if len(bad):
-        raise NumericalError(f"loss became {losses[bad[0, 0]].item()} at epoch {epoch}, step {bad[0, 0].item() + 1}")
+    check_finite(losses[:done], epoch)
     return done
+
+
+def check_finite(losses, epoch):
+    """The first step of the epoch whose loss was NaN or infinite, as a NumericalError."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step = bad[0, 0].item()
+        raise NumericalError(f"loss became {losses[step].item()} at epoch {epoch}, step {step + 1}")
 
 
 @torch.inference_mode()
