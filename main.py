@@ -781,7 +781,7 @@ def command_dir(cfg, verb, model):
 def run_command(args, cfg, given):
     if args.summary:
         from torchsummary import summary
-        model = models.EnsembleCNN() if cfg["model"] == "ensemble" else models.build_model(cfg["model"])
+        model = models.build_model(cfg["model"])
         summary(model, (3, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE), device="cpu")
         print(f"trainable parameters: {models.count_params(model, True):,}")
         return 0
