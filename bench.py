@@ -8,7 +8,8 @@
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
           fp32, NCHW, the report's batch size (as the report's code does).
 fast:     the split decoded once into a uint8 tensor on the device, whole batches augmented there,
-          mixed precision (--amp auto), channels_last; inference at batch 256 under inference_mode.
+          mixed precision (--amp auto), channels_last; inference under inference_mode at main.py's evaluation
+          batch (256 on a GPU, 16 on a CPU).
 Stages: input (images/s out of the loader), train (data + step, per model), infer (per model).
 Rounds alternate baseline and fast so that machine drift hits both; the median round is reported.
 On CUDA it adds achieved TFLOP/s, MFU (FLOPs from torch.utils.flop_counter) and peak memory.
@@ -182,9 +183,10 @@ def main_bench(argv=None):
             return extra
         measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device),
                 lambda: train_steps(fast_model, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
-        slow_ev, fast_ev = loaders(batch, False, "images"), loaders(256, False, "tensors")
+        eval_batch = main.eval_batch_size(main.DEFAULTS, device)
+        slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
         measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
-                lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, 256, flops_extra(False))
+                lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))
 
     if a.json:
         with open(a.json, "w") as f:

@@ -42,13 +42,14 @@ _NORM = {}
 
 
 def normalize(x):
-    """uint8 or 0..255 float (N,3,H,W) -> ImageNet-normalised float32, in one fused multiply-add."""
+    """uint8 or 0..255 float (N,3,H,W) -> ImageNet-normalised float32.
+    In-place mul_ and add_ (not addcmul, 4x slower with this broadcast on a CPU)."""
     if x.device not in _NORM:
         std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
         mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
         _NORM[x.device] = (1 / std, -mean / std)
     scale, shift = _NORM[x.device]
-    return torch.addcmul(shift, x.float(), scale)
+    return x.float().mul_(scale).add_(shift) if x.dtype == torch.uint8 else x.mul(scale).add_(shift)
 
 
 def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P):

@@ -63,7 +63,7 @@ PRESETS = {
 DEFAULTS = dict(
     model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last=True,
     compile=False, loader="tensors", workers=min(4, os.cpu_count() or 1), pin_memory=True, max_memory_gb=4.0, cache_dir=None,
-    eval_batch_size=256, scheduler="plateau", ema=0.0, class_weights=None, focal_gamma=0.0, mixup=0.0,
+    eval_batch_size=None, scheduler="plateau", ema=0.0, class_weights=None, focal_gamma=0.0, mixup=0.0,
     cutmix=0.0, tta=False, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
@@ -130,7 +130,8 @@ def build_parser():
     s.add_argument("--pin-memory", action=argparse.BooleanOptionalAction)
     s.add_argument("--max-memory-gb", type=float, help="largest decoded split held in memory (default 4)")
     s.add_argument("--cache-dir", help="where decoded splits are cached (default DATA/.cache or ~/.cache)")
-    s.add_argument("--eval-batch-size", type=int)
+    s.add_argument("--eval-batch-size", type=int, help="batch for evaluation and prediction (default: 256 on a "
+                   "GPU, 16 on a CPU)")
     s.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic algorithms")
     s.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, help="autograd anomaly detection")
     o = p.add_argument_group("files")
@@ -309,6 +310,12 @@ def make_mix(cfg):
     return v2.RandomChoice(ops) if ops else None
 
 
+def eval_batch_size(cfg, device):
+    """--eval-batch-size, else 256 on a GPU (large batches fill it) and 16 on a CPU (measured fastest
+    there: activations stay in cache; bench.py / README)."""
+    return cfg["eval_batch_size"] or (256 if torch.device(device).type == "cuda" else 16)
+
+
 def loaders_for(cfg, device, splits, train_split=None, sharded=True):
     """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch."""
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
@@ -316,7 +323,7 @@ def loaders_for(cfg, device, splits, train_split=None, sharded=True):
     out = {}
     for split in splits:
         train = split == train_split
-        bs = cfg["batch_size"] if train else cfg["eval_batch_size"]
+        bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
         out[split] = dataloader.make_batches(cfg["data_dir"], split, bs, train,
                                              shard=(RANK, WORLD) if sharded else (0, 1), **kw)
     return out
