@@ -60,7 +60,7 @@ def make_image(label, rng):
     elif label == 2:
         img = _blur(img, rng.uniform(1.5, 2.5))
     elif label == 3:
-        blocks = rng.normal(0, 7, (SIZE // 8 + 1, SIZE // 8 + 1, 3))
+        blocks = rng.normal(0, 12, (SIZE // 8 + 1, SIZE // 8 + 1, 3))
         img = img + blocks.repeat(8, 0).repeat(8, 1)[:SIZE, :SIZE]
     elif label == 4:
         img = img + _checker(SIZE, rng.uniform(2, 4)) + rng.normal(0, rng.uniform(3, 6), img.shape)

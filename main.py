@@ -75,7 +75,7 @@ RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly
 # workers: the report's 4, fewer on a machine with fewer cores (more workers than cores only contend).
 
 DEMO_DIR = "demo_data"
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 10
 
 
 # ==============================================================================================
@@ -771,8 +771,9 @@ def analyze(cfg, path, out_dir, device, amp, expect_model=None):
     lines += [f"  {m['actual']} -> {m['predicted']}: {m['count']}" for m in rep["most_confused"]]
     lines.append(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}  mistaken most for")
     for c, m in rep["classes"].items():
+        other = m["confused_most_with"]
         lines.append(f"{c:>6} {m['precision']:>10.3f} {m['recall']:>8.3f} {m['f1-score']:>8.3f} {int(m['support']):>8}"
-                     f"  {m['confused_most_with']}")
+                     f"  {'-' if other is None else other}")
     text = "\n".join(lines) + "\n"
     log(text)
     checkpoint.atomic_write_text(os.path.join(out_dir, "analysis.txt"), text)

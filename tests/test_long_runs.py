@@ -189,6 +189,7 @@ def test_reports_and_submissions_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         report.write_submission(str(target), ["a", "b", "c"], [0, 0, 0])
     assert target.read_text() == good and os.listdir(tmp_path) == ["submission.csv"]
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~checkpoint._umask()  # not mkstemp's 0600
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, tiny_data, run_main):
