@@ -39,7 +39,7 @@ def sync(device):
 
 def forever(loader, gen):
     while True:
-        yield from loader.batches(loader.order(gen), gen)
+        yield from loader.batches(loader.plan(gen), gen)
 
 
 def timed(it, steps, warmup, device):

@@ -5,10 +5,11 @@
     TensorBatches  the fast path: the split decoded once into a uint8 tensor (dataset.load_split_tensors)
                    kept on the training device; each batch is gathered by index and augmented whole.
 
-Both give `order(gen)` (the epoch's sample order) and `batches(order, gen, start)` which yields
-(images float NCHW on the device, labels or None, positions in the split). The augmentation is the
-report's either way: horizontal flip p=0.5, rotation uniform in [-15, 15] degrees (nearest, zero fill),
-then ImageNet normalisation; validation and test are only normalised.
+Both give `plan(gen)` (the epoch's plan: sample order, and for TensorBatches every flip and angle) and
+`batches(plan, gen, start)` which yields (images float NCHW on the device, labels or None, positions
+in the split). The augmentation is the report's either way: horizontal flip p=0.5, rotation uniform in
+[-15, 15] degrees (nearest, zero fill), then ImageNet normalisation; validation and test are only
+normalised.
 """
 import math
 
@@ -112,52 +113,62 @@ def tta_views(x):
 # Loaders
 
 class _Batches:
-    """Shared logic: epoch order, batch slicing, and the shard of each batch this process trains on."""
+    """Shared logic: the epoch's plan, batch slicing, and the share of each batch this process trains on."""
 
-    def __init__(self, n, labels, batch_size, train, device, shard=(0, 1)):
-        self.n, self.labels = n, labels
+    def __init__(self, n, labels, ids, batch_size, train, device, shard=(0, 1)):
+        self.n, self.labels, self.ids = n, labels, ids  # labels stay on the CPU for reports
         self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
         self.rank, self.world = shard
 
     def __len__(self):  # steps per epoch; the last partial batch is dropped in training only
         return self.n // self.batch_size if self.train else math.ceil(self.n / self.batch_size)
 
-    def order(self, gen=None):
-        return torch.randperm(self.n, generator=gen) if self.train else torch.arange(self.n)
+    def plan(self, gen=None):
+        """The epoch's plan, drawn from `gen` when the epoch starts: the sample order (shuffled for
+        training). A checkpoint keeps the plan, so a run stopped mid-epoch resumes it exactly."""
+        return {"order": torch.randperm(self.n, generator=gen) if self.train else torch.arange(self.n)}
 
-    def _slices(self, order, start):
+    def _batch_slices(self, start):
+        """(slice of the epoch for step k, this process's share of it) for each step from `start`."""
         for k in range(start, len(self)):
-            yield order[k * self.batch_size:(k + 1) * self.batch_size]
-
-    def _labels(self, idx):
-        return None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
+            yield slice(k * self.batch_size, (k + 1) * self.batch_size), slice(self.rank, None, self.world)
 
 
 class TensorBatches(_Batches):
-    def __init__(self, images, labels, batch_size, train, device, shard=(0, 1)):
-        super().__init__(len(images), labels, batch_size, train, device, shard)
+    def __init__(self, images, labels, ids, batch_size, train, device, shard=(0, 1)):
+        super().__init__(len(images), labels, ids, batch_size, train, device, shard)
         self.images = images.to(self.device)  # uint8 stays small: 12,500 images = 375 MB
+        self.device_labels = None if labels is None else labels.to(self.device)
 
-    def batches(self, order, gen=None, start=0):
-        for idx in self._slices(order, start):
-            if self.train:  # draw for the whole (global) batch, so every process draws the same numbers
-                flips, angles = draw_augment_params(len(idx), gen)
-            mine = slice(self.rank, None, self.world)
-            idx = idx[mine]
-            x = self.images.index_select(0, idx.to(self.device))  # much faster than images[idx] on a CPU
-            x = augment_batch(x, flips[mine], angles[mine]) if self.train else normalize(x)
-            yield x, self._labels(idx), idx
+    def plan(self, gen=None):
+        plan = super().plan(gen)
+        if self.train:  # every image's flip and angle for the epoch, drawn at once on the CPU
+            plan["flips"], plan["angles"] = draw_augment_params(self.n, gen)
+        return plan
+
+    def batches(self, plan, gen=None, start=0):
+        # One copy of the plan to the device per epoch: no host-to-device copy (and so no wait) per step.
+        on_device = {k: v.to(self.device) for k, v in plan.items()}
+        for epoch_part, mine in self._batch_slices(start):
+            idx = on_device["order"][epoch_part][mine]
+            x = self.images.index_select(0, idx)  # much faster than images[idx] on a CPU
+            if self.train:
+                x = augment_batch(x, on_device["flips"][epoch_part][mine], on_device["angles"][epoch_part][mine])
+            else:
+                x = normalize(x)
+            y = None if self.device_labels is None else self.device_labels[idx]
+            yield x, y, plan["order"][epoch_part][mine]
 
 
 class ImageBatches(_Batches):
     def __init__(self, data, batch_size, train, device, workers=4, pin_memory=True, shard=(0, 1)):
         labels = None if data.labels is None else torch.tensor(data.labels)
-        super().__init__(len(data), labels, batch_size, train, device, shard)
+        super().__init__(len(data), labels, data.ids, batch_size, train, device, shard)
         self.data, self.workers = data, workers
         self.pin_memory = pin_memory and self.device.type == "cuda"
 
-    def batches(self, order, gen=None, start=0):
-        slices = [idx[self.rank::self.world] for idx in self._slices(order, start)]
+    def batches(self, plan, gen=None, start=0):
+        slices = [plan["order"][epoch_part][mine] for epoch_part, mine in self._batch_slices(start)]
         if not slices:
             return
         # Worker seeds come from `gen`, so a run with the same generator state augments the same way.
@@ -165,7 +176,8 @@ class ImageBatches(_Batches):
                                              num_workers=self.workers, pin_memory=self.pin_memory,
                                              generator=gen, persistent_workers=False)
         for (x, _), idx in zip(loader, slices):
-            yield x.to(self.device, non_blocking=True), self._labels(idx), idx
+            y = None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=True), y, idx
 
 
 def make_batches(data_dir, split, batch_size, train, device, loader="tensors", cache_dir=None, workers=4,
@@ -176,12 +188,8 @@ def make_batches(data_dir, split, batch_size, train, device, loader="tensors", c
         n = len(dataset.read_split_csv(data_dir, split))
         if dataset.split_nbytes(n) <= max_memory_gb * 2**30:
             data = dataset.load_split_tensors(data_dir, split, cache_dir, log=log)
-            b = TensorBatches(data["images"], data["labels"], batch_size, train, device, shard)
-            b.ids = data["ids"]
-            return b
+            return TensorBatches(data["images"], data["labels"], data["ids"], batch_size, train, device, shard)
         log(f"note: {split} ({dataset.split_nbytes(n) / 2**30:.1f} GB decoded) exceeds --max-memory-gb "
             f"{max_memory_gb}; using the per-image loader")
     data = dataset.CsvImageDataset(data_dir, split, report_transform(train))
-    b = ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)
-    b.ids = data.ids
-    return b
+    return ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)

@@ -366,7 +366,7 @@ def progress(total, desc, cfg):
                 disable=cfg["quiet"] or RANK != 0 or not sys.stdout.isatty())
 
 
-def train_steps(state, batches, order, start, epoch, stats):
+def train_steps(state, batches, plan, start, epoch, stats):
     """Train over one epoch's batches from `start`; stats (device tensors) accumulate loss and accuracy.
     Returns the number of steps done (stops early when Stop.signal is set)."""
     cfg, model, opt, scaler, loss_fn = state["cfg"], state["model"], state["opt"], state["scaler"], state["loss_fn"]
@@ -376,7 +376,7 @@ def train_steps(state, batches, order, start, epoch, stats):
     bar = progress(len(batches), f"epoch {epoch} train", cfg)
     bar.update(start)
     t0 = time.time()
-    for x, y, _ in batches.batches(order, state["gen"], start):
+    for x, y, _ in batches.batches(plan, state["gen"], start):
         x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
         target = y
         if state["mix"] is not None:
@@ -423,7 +423,7 @@ def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
     model.eval()
     probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
     bar = progress(len(batches), desc, cfg)
-    for x, y, idx in batches.batches(batches.order()):
+    for x, y, idx in batches.batches(batches.plan()):
         x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
         views = dataloader.tta_views(x) if tta else [x]
         p = 0
@@ -558,7 +558,7 @@ def train(cfg, given, resume):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
 
-    epoch, step, best_acc, best_epoch, bad_epochs, order, recall = 0, 0, -1.0, 0, 0, None, None
+    epoch, step, best_acc, best_epoch, bad_epochs, plan, recall = 0, 0, -1.0, 0, 0, None, None
     partial = torch.zeros(3, device=device)
     if ckpt is not None:  # continue exactly where the run stopped
         raw.load_state_dict(ckpt["state_dict"])
@@ -571,7 +571,7 @@ def train(cfg, given, resume):
         checkpoint.set_rng_state(ckpt["rng"], gen)
         epoch, step, best_acc, best_epoch, bad_epochs = (ckpt[k] for k in ["epoch", "step", "best_acc", "best_epoch",
                                                                            "bad_epochs"])
-        order, recall = ckpt["order"], ckpt["recall"]
+        plan, recall = ckpt["plan"], ckpt["recall"]
         partial = ckpt["partial"].to(device)
         log(f"resuming {run_dir} at epoch {epoch + 1}" + (f", step {step + 1}" if step else ""))
     log_csv = os.path.join(run_dir, "log.csv")
@@ -598,7 +598,7 @@ def train(cfg, given, resume):
                     scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                     ema_state_dict=ema.module.state_dict() if ema is not None else None,
                     ema_n=int(ema.n_averaged) if ema is not None else 0,
-                    rng=checkpoint.rng_state(gen), order=order, partial=partial.cpu(), recall=recall)
+                    rng=checkpoint.rng_state(gen), plan=plan, partial=partial.cpu(), recall=recall)
 
     last = os.path.join(run_dir, "last.pth")
     # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
@@ -609,8 +609,8 @@ def train(cfg, given, resume):
         while epoch < cfg["epochs"]:
             t0 = time.time()
             if step == 0:
-                order, partial = tr.order(state["gen"]), torch.zeros(3, device=device)
-            step = train_steps(state, tr, order, step, epoch + 1, partial)
+                plan, partial = tr.plan(state["gen"]), torch.zeros(3, device=device)
+            step = train_steps(state, tr, plan, step, epoch + 1, partial)
             if Stop.signal is not None and step < len(tr):  # interrupted mid-epoch: save where we are
                 if RANK == 0:
                     checkpoint.save(snapshot(), last)

@@ -93,7 +93,7 @@ def test_tensor_and_image_loaders_give_the_same_eval_batches(tiny_data, tmp_path
     a = dataloader.make_batches(tiny_data, "validation", 8, False, loader="tensors", **kw)
     b = dataloader.make_batches(tiny_data, "validation", 8, False, loader="images", **kw)
     assert isinstance(a, dataloader.TensorBatches) and isinstance(b, dataloader.ImageBatches)
-    for (xa, ya, ia), (xb, yb, ib) in zip(a.batches(a.order()), b.batches(b.order())):
+    for (xa, ya, ia), (xb, yb, ib) in zip(a.batches(a.plan()), b.batches(b.plan())):
         assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
@@ -101,7 +101,7 @@ def test_memory_budget_falls_back_to_the_image_loader(tiny_data, tmp_path):
     b = dataloader.make_batches(tiny_data, "train", 8, True, "cpu", cache_dir=str(tmp_path), workers=0,
                                 max_memory_gb=1e-6, log=lambda *a: None)
     assert isinstance(b, dataloader.ImageBatches)
-    x, y, _ = next(b.batches(b.order(torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0)))
+    x, y, _ = next(b.batches(b.plan(torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0)))
     assert x.shape == (8, 3, 100, 100) and y.shape == (8,)
     assert len(b) == 60 // 8  # drop_last in training
 

@@ -32,5 +32,5 @@ def test_real_images_are_the_same_through_both_loaders(tmp_path):
     kw = dict(device="cpu", cache_dir=str(tmp_path), workers=0, log=lambda *a: None)
     fast = dataloader.make_batches(DATA, "validation", 16, False, loader="tensors", **kw)
     slow = dataloader.make_batches(DATA, "validation", 16, False, loader="images", **kw)
-    (xa, ya, _), (xb, yb, _) = next(fast.batches(fast.order())), next(slow.batches(slow.order()))
+    (xa, ya, _), (xb, yb, _) = next(fast.batches(fast.plan())), next(slow.batches(slow.plan()))
     assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb)

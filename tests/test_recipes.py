@@ -26,7 +26,7 @@ def test_tta_averages_the_softmax_over_its_views(tiny_data, tmp_path):
                                       log=lambda *a: None)
     cfg = {**main.DEFAULTS, "quiet": True}
     probs, pos, _, _ = main.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
-    x, _, _ = next(batches.batches(batches.order()))
+    x, _, _ = next(batches.batches(batches.plan()))
     views = dataloader.tta_views(x)
     assert len(views) == 4 and torch.equal(views[1], x.flip(3))
     with torch.no_grad():
