@@ -10,7 +10,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
@@ -70,7 +69,7 @@ def load(path, expect_model=None):
             raise UserError(f"checkpoint {path} holds pickled code and was refused (nothing in it ran): "
                             f"use a checkpoint written by this project")
         raise UserError(f"checkpoint {path} is corrupt ({str(e).splitlines()[0][:80]}): use another checkpoint")
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # any other failure to parse (random bytes reach many code paths of the unpickler)
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}): use another checkpoint "
                         f"(a run's best.pth and last.pth are kept separately)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:

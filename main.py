@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime
 import glob
+import io
 import json
 import math
 import os
@@ -512,6 +513,9 @@ def train(cfg, given, resume):
     if resume:
         path = find_resume(cfg, resume)
         ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
+        if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
+            raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth "
+                            f"(or its folder)")
         check_resume_config(ckpt["config"], given, path)
         cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
         if ckpt["finished"]:
@@ -679,15 +683,16 @@ def device_name(device):
 
 
 def write_log(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
 
 
 def append_log(path, row):
     with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+        csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n").writerow(row)
         f.flush()
         os.fsync(f.fileno())
 

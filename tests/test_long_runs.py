@@ -139,6 +139,13 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
     assert torch.load(last, weights_only=True)["config"]["lr"] == 2e-4
 
 
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path, run_main):
+    path = tmp_path / "weights.pth"
+    checkpoint.save({"model": "three", "state_dict": models.ThreeCNN().state_dict(), "config": {}}, str(path))
+    rc, _, err = run_main(["--resume", path])
+    assert rc == 2 and "no training state" in err and str(path) in err
+
+
 def test_resume_refuses_another_model_or_other_settings(reference, run_main):
     rc, _, err = run_main(["--resume", reference, "--lr", "0.1"])
     assert rc == 2 and "cannot resume" in err and "--lr 0.1" in err
