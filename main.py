@@ -447,13 +447,14 @@ def evaluate_split(model, batches, cfg, device, amp):
     probs, pos, loss_sum, count = predict_probs(model, batches, cfg, device, amp, cfg["tta"], "validate")
     y = batches.labels[pos]
     pred = probs.argmax(1)
-    per_class = torch.stack([torch.bincount(y, minlength=5), torch.bincount(y[pred == y], minlength=5)]).float()
+    k = dataset.NUM_CLASSES
+    per_class = torch.stack([torch.bincount(y, minlength=k), torch.bincount(y[pred == y], minlength=k)]).float()
     totals = torch.cat([torch.stack([loss_sum.cpu(), torch.tensor(float(count))]), per_class.flatten()])
     if WORLD > 1:
         totals = totals.to(device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    loss, n, per_class = totals[0].item(), totals[1].item(), totals[2:].view(2, 5)
+    loss, n, per_class = totals[0].item(), totals[1].item(), totals[2:].view(2, k)
     recall = (per_class[1] / per_class[0].clamp_min(1)).tolist()
     return loss / n, per_class[1].sum().item() / n, recall
 
