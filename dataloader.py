@@ -60,17 +60,17 @@ def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P):
     return flips, angles
 
 
-def augment_batch(x, flips, angles):
-    """The report's train augmentation on a uint8 batch (N,3,H,W): flip where `flips`, rotate by `angles`
-    degrees about the centre (counter-clockwise for positive angles, nearest pixel, zero fill), normalise.
+def flip_rotate(x, flips, angles):
+    """Flip where `flips`, then rotate by `angles` degrees about the centre (counter-clockwise for positive
+    angles, as torchvision's rotate), nearest pixel, zero fill; any dtype, shape (N,C,H,W).
 
     A nearest-pixel rotation only moves pixels, so no image is interpolated: each output pixel's source
     row and column are computed once per image, as an outer sum of two short vectors (the centred pixel
-    coordinates turned by the angle), rounded half to even like grid_sample, and the uint8 pixels are
-    gathered. A flip just negates the column offset. Any rotation about the centre reads at most
-    (sqrt(2)-1)/2 of the size outside the image, so padding the batch that much with zeros makes every
-    index valid and gives the zero fill for free. Matches torchvision's rotate except where a source
-    coordinate lands within float rounding of a half pixel (tests: under 0.01% of pixels).
+    coordinates turned by the angle), rounded half to even like grid_sample, and the pixels are gathered.
+    A flip just negates the column offset. Any rotation about the centre reads at most (sqrt(2)-1)/2 of
+    the size outside the image, so padding the batch that much with zeros makes every index valid and
+    gives the zero fill for free. Matches torchvision's rotate except where a source coordinate lands
+    within float rounding of a half pixel (tests: under 0.01% of pixels).
     """
     n, c, h, w = x.shape
     p = math.ceil((math.sqrt(2) - 1) / 2 * max(h, w)) + 1
@@ -83,18 +83,12 @@ def augment_batch(x, flips, angles):
     row = (sin[:, None, None] * u + (cos[:, None] * v + (h - 1) / 2 + p)[:, :, None]).round_()
     src = row.mul_(w + 2 * p).add_(col).long().view(n, 1, h * w).expand(n, c, h * w)
     padded = F.pad(x, (p, p, p, p)).view(n, c, -1)
-    return normalize(padded.gather(2, src).view(n, c, h, w))
+    return padded.gather(2, src).view(n, c, h, w)
 
 
-def rotate(x, angles):
-    """Rotate a float batch (N,3,H,W) by `angles` degrees about the centre: nearest pixel, zero fill
-    (counter-clockwise for positive angles, as torchvision's rotate). Used for test-time views."""
-    rad = angles.to(x.device, torch.float32) * (math.pi / 180)
-    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
-    # theta maps output to input coordinates (x right, y down)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+def augment_batch(x, flips, angles):
+    """The report's train augmentation on a uint8 batch (N,3,H,W): flip, rotate (see flip_rotate), normalise."""
+    return normalize(flip_rotate(x, flips, angles))
 
 
 TTA_ANGLES = (8.0, -8.0)
@@ -103,9 +97,10 @@ TTA_ANGLES = (8.0, -8.0)
 def tta_views(x):
     """Test-time views of a normalised batch: as is, flipped, and turned by +-8 degrees (black fill)."""
     black = normalize(torch.zeros(1, 3, 1, 1, device=x.device))
+    no_flip = torch.zeros(len(x), dtype=torch.bool)
     views = [x, x.flip(3)]
     for a in TTA_ANGLES:
-        views.append(rotate(x - black, torch.full((len(x),), a)) + black)
+        views.append(flip_rotate(x - black, no_flip, torch.full((len(x),), a)) + black)
     return views
 
 

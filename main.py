@@ -63,7 +63,8 @@ PRESETS = {
 # Everything else a run is made of, with its default (None: decided at run time).
 DEFAULTS = dict(
     model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last=True,
-    compile=False, loader="tensors", workers=min(4, os.cpu_count() or 1), pin_memory=True, max_memory_gb=4.0, cache_dir=None,
+    compile=False, loader="tensors", pin_memory=True, max_memory_gb=4.0, cache_dir=None,
+    workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, scheduler="plateau", ema=0.0, class_weights=None, focal_gamma=0.0, mixup=0.0,
     cutmix=0.0, tta=False, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
@@ -72,8 +73,6 @@ DEFAULTS = dict(
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly", "loader", "cache_dir",
                      "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir"}
-
-# workers: the report's 4, fewer on a machine with fewer cores (more workers than cores only contend).
 
 DEMO_DIR = "demo_data"
 DEMO_EPOCHS = 10
