@@ -4,6 +4,7 @@
     python bench.py --data-dir dataset   the real data
     python bench.py --quick              a short check (< 60 s on 2 CPU cores: ThreeCNN; on a GPU also SkipConCNN)
     python bench.py --json out.json      also write the figures as JSON
+    python bench.py --memory             only the GPU memory each preset and model needs (seconds, no GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
           fp32, NCHW, the report's batch size (as the report's code does).
@@ -18,9 +19,13 @@ import argparse
 import json
 import statistics
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataloader
@@ -59,9 +64,9 @@ def input_steps(loader, gen):
         yield len(x)
 
 
-def train_steps(model, loader, gen, amp, channels_last, device):
+def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=grad_scaler and amp == torch.float16)
     model.train()
     for x, y, _ in forever(loader, gen):
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -97,6 +102,83 @@ def flops_per_image(model, device, train):
     return counter.get_total_flops() / 2
 
 
+# ----------------------------------------------------------------------------------------------
+# GPU memory on the users' 4 GB card, counted without a GPU
+
+# The competition's split sizes: the fast path keeps all three decoded on the GPU, as uint8.
+REAL_SPLITS = {"train": 12_500, "validation": 1_250, "test": 1_000}
+# A GTX 1650 has 4 GiB. The CUDA context (~0.3-0.4 GiB) lies outside PyTorch's allocator, and the caching
+# allocator and cuDNN's workspaces need slack, so up to 3 GiB of tensors is taken as fitting.
+FITS_MIB = 3072
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of tensor storage alive after each operation run inside, and the most at any one time.
+    Under FakeTensorMode tensors have shapes and dtypes but no data: nothing is computed or allocated, so a
+    SkipConCNN step at any batch size is counted in milliseconds, on any machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.sizes:
+                s = t.untyped_storage()  # views and in-place results share a storage: counted once
+                self.sizes[id(s)] = s.nbytes()
+                self.now += s.nbytes()
+                weakref.finalize(s, self._freed, id(s))  # counted until the storage is freed
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def _freed(self, key):
+        self.now -= self.sizes.pop(key)
+
+
+def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
+    """Peak tensor memory (MiB) of `name` under `preset` as main.py runs it on a GPU with the fast path: the
+    three splits resident as uint8, the model, Adam's state, the EMA copy, gradients, activations and the batch
+    augmentation for a training step; evaluation at main.py's GPU batch (with TTA where the preset has it),
+    the training state still alive beside it. fp16: the GTX 1650 has no bf16. Not counted: mixup/cutmix
+    (one more batch) and the GradScaler (a few scalars)."""
+    cfg = {**main.resolve_config(main.parse_args(["--model", name, "--preset", preset]))[0], "quiet": True}
+    cpu = torch.device("cpu")
+    batch, eval_batch = cfg["batch_size"], eval_batch or main.eval_batch_size(cfg, "cuda")
+    gen = torch.Generator().manual_seed(0)
+    real_constants = dict(dataloader._NORM)  # normalize()'s cached constants: fake ones must not outlive this
+    dataloader._NORM.clear()
+    with FakeTensorMode(), PeakMemory() as mem:
+        data = torch.zeros(sum(REAL_SPLITS.values()), 3, 100, 100, dtype=torch.uint8)
+        labels = torch.zeros(len(data), dtype=torch.long)
+        data_mib = mem.now / 2**20
+        model = models.build_model(name)  # channels_last: same sizes (and FakeTensorMode cannot convert modules)
+        ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
+        steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu), gen, amp, True,
+                            cpu, grad_scaler=False)  # its overflow check reads values, which fake tensors lack
+        for _ in range(2):  # the second step has Adam's state from the first
+            next(steps)
+        train_mib, mem.peak = mem.peak / 2**20, mem.now
+        evaluate = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
+        main.predict_probs(model, evaluate, cfg, cpu, amp, cfg["tta"])
+        del ema
+    dataloader._NORM.clear()
+    dataloader._NORM.update(real_constants)
+    return {"preset": preset, "model": name, "batch": batch, "eval_batch": eval_batch, "data_mib": data_mib,
+            "train_peak_mib": train_mib, "eval_peak_mib": mem.peak / 2**20,
+            "fits_4gb": max(train_mib, mem.peak / 2**20) <= FITS_MIB}
+
+
+def memory_table(names):
+    rows = [estimate_memory(name, preset) for preset in main.PRESETS for name in names]
+    print(f"\nGPU memory, fp16, counted without a GPU (tensors only; 4 GB card = up to {FITS_MIB} MiB of tensors):")
+    for r in rows:
+        print(f"  --preset {r['preset']:<6} {r['model']:<9} train batch {r['batch']:>3}: {r['train_peak_mib']:6.0f} MiB"
+              f"   eval batch {r['eval_batch']:>3}: {r['eval_peak_mib']:6.0f} MiB   (data {r['data_mib']:.0f} MiB)"
+              f"   {'fits' if r['fits_4gb'] else 'DOES NOT FIT'}")
+    return rows
+
+
 def main_bench(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=main.DEMO_DIR)
@@ -110,7 +192,11 @@ def main_bench(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--memory", action="store_true", help="only the GPU memory table (seconds, no GPU needed)")
     a = p.parse_args(argv)
+    all_models = (a.models or "three,skip,ensemble").split(",")
+    if a.memory:
+        return memory_table(all_models)
     if a.data_dir == main.DEMO_DIR:
         demo_data.ensure(main.DEMO_DIR)
     device = torch.device(a.device)
@@ -183,15 +269,16 @@ def main_bench(argv=None):
             return extra
         measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device),
                 lambda: train_steps(fast_model, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
-        eval_batch = main.eval_batch_size(main.DEFAULTS, device)
+        eval_batch = main.eval_batch_size({**main.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
         measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
                 lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))
 
+    memory = memory_table(all_models)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev_name, "data_dir": a.data_dir, "quick": a.quick, "rounds": rounds,
-                       "fast_precision": str(amp), "peak_tflops": peak, "rows": rows}, f, indent=2)
+                       "fast_precision": str(amp), "peak_tflops": peak, "rows": rows, "memory": memory}, f, indent=2)
         print(f"wrote {a.json}")
     return rows
 

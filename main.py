@@ -310,10 +310,21 @@ def make_mix(cfg):
     return v2.RandomChoice(ops) if ops else None
 
 
+# Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
+# so at 256 images its evaluation needs ~3.1 GiB of tensors in fp16 (data and training state included):
+# more than a GTX 1650's 4 GiB leaves after the CUDA context. 64 keeps every model under ~1.3 GiB
+# (python bench.py --memory).
+EVAL_BATCH_GPU = {"three": 256, "skip": 64, "ensemble": 64}
+
+
 def eval_batch_size(cfg, device):
-    """--eval-batch-size, else 256 on a GPU (large batches fill it) and 16 on a CPU (measured fastest
-    there: activations stay in cache; bench.py / README)."""
-    return cfg["eval_batch_size"] or (256 if torch.device(device).type == "cuda" else 16)
+    """--eval-batch-size, else EVAL_BATCH_GPU on a GPU and 16 on a CPU (measured fastest there: activations
+    stay in cache; bench.py / README)."""
+    if cfg["eval_batch_size"]:
+        return cfg["eval_batch_size"]
+    if torch.device(device).type != "cuda":
+        return 16
+    return EVAL_BATCH_GPU.get(cfg["model"], min(EVAL_BATCH_GPU.values()))  # a vote may hold any model
 
 
 def loaders_for(cfg, device, splits, train_split=None, sharded=True):
@@ -417,9 +428,24 @@ def check_finite(losses, epoch):
         raise NumericalError(f"loss became {losses[step].item()} at epoch {epoch}, step {step + 1}")
 
 
-@torch.inference_mode()
 def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
-    """Softmax probabilities in split order, plus (summed loss, count) when the split is labelled."""
+    """Softmax probabilities in split order, plus (summed loss, count) when the split is labelled.
+    A GPU that runs out of memory gets the split again at half the batch: an evaluation never ends a run
+    that trained well (under torchrun the processes must agree on the batch, so there it is an error)."""
+    while True:
+        try:
+            return _predict_probs(model, batches, cfg, device, amp, tta, desc)
+        except torch.OutOfMemoryError:
+            if WORLD > 1 or batches.batch_size == 1:
+                raise
+            torch.cuda.empty_cache()
+            batches.batch_size //= 2
+            log(f"note: out of GPU memory evaluating at batch {2 * batches.batch_size}; evaluating at "
+                f"{batches.batch_size} (--eval-batch-size sets it)")
+
+
+@torch.inference_mode()
+def _predict_probs(model, batches, cfg, device, amp, tta, desc):
     model.eval()
     probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
     bar = progress(len(batches), desc, cfg)
@@ -814,6 +840,7 @@ def run_command(args, cfg, given):
     if target == "vote" and not args.ensemble_of:
         raise UserError("'vote' needs --ensemble-of CKPT CKPT ...")
     name = "vote" if target == "vote" else checkpoint.load(target, expect)["model"]
+    cfg = {**cfg, "model": name}  # the model evaluated sets the GPU evaluation batch
     if args.analyze:
         analyze(cfg, target, command_dir(cfg, "analyze", name), device, amp, expect)
     elif args.evaluate:

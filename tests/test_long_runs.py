@@ -184,6 +184,20 @@ def test_a_kill_during_saves_leaves_the_old_or_the_new_file(tmp_path):
     assert len(seen) > 1
 
 
+def test_temporaries_left_by_a_killed_writer_are_cleaned_up_by_the_next_save(tmp_path):
+    path = tmp_path / "last.pth"
+    stale, live, other = (tmp_path / ".last.pth.abc123.tmp", tmp_path / ".last.pth.def456.tmp",
+                          tmp_path / ".best.pth.ghi789.tmp")
+    for f in (stale, live, other):
+        f.write_bytes(b"half a checkpoint")
+    old = time.time() - checkpoint.STALE_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    checkpoint.save({"i": 1}, str(path))
+    assert checkpoint.load(str(path))["i"] == 1
+    assert not stale.exists() and live.exists() and other.exists()  # a live writer's file, another file's: kept
+
+
 def test_reports_and_submissions_are_written_atomically(tmp_path, monkeypatch):
     import report
     target = tmp_path / "submission.csv"
@@ -269,3 +283,28 @@ def test_full_disk_is_reported_before_training(tiny_data, tmp_path, run_main, mo
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     rc, out, err = run_main(base_args(tiny_data, tmp_path))
     assert rc == 2 and "MB free" in err and "epoch" not in out
+
+
+def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_predictions(tiny_data, tmp_path, capsys,
+                                                                                monkeypatch):
+    import dataloader
+    data = main.dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), log=lambda *m: None)
+    model = models.ThreeCNN().eval()
+    cfg = {**main.DEFAULTS, "quiet": True}
+    device = torch.device("cpu")
+
+    def loader(batch):
+        return dataloader.TensorBatches(data["images"], data["labels"], data["ids"], batch, False, device)
+    expected = main.predict_probs(model, loader(20), cfg, device, None)[0]
+    forward = models.ThreeCNN.forward
+
+    def small_gpu(self, x):  # a card that holds at most 5 images at a time
+        if len(x) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+    monkeypatch.setattr(models.ThreeCNN, "forward", small_gpu)
+    batches = loader(20)
+    probs, pos, _, count = main.predict_probs(model, batches, cfg, device, None)
+    assert batches.batch_size == 5 and count == 20 and pos.tolist() == list(range(20))
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert "evaluating at 10" in capsys.readouterr().out
