@@ -5,11 +5,13 @@ A kill at any instant leaves the old file or the new one, never half of one.
 Safe load: torch.load(..., weights_only=True) only, so a checkpoint cannot run code when loaded.
 A checkpoint holds plain Python types and tensors only.
 """
+import glob
 import io
 import os
 import pickle
 import random
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -46,6 +48,22 @@ def atomic_write_bytes(path, data: bytes):
         os.close(dfd)
     except OSError:
         pass
+    remove_stale_temporaries(path)
+
+
+STALE_S = 15 * 60  # a temporary this old belongs to a writer that was killed (a live one takes seconds)
+
+
+def remove_stale_temporaries(path):
+    """Temporaries of `path` left by a writer killed mid-write (SIGKILL, power loss): never read, only clutter."""
+    pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                           f".{glob.escape(os.path.basename(path))}.*.tmp")
+    for tmp in glob.glob(pattern):
+        try:
+            if time.time() - os.path.getmtime(tmp) > STALE_S:
+                os.remove(tmp)
+        except OSError:  # gone already, or not ours to remove
+            pass
 
 
 def atomic_write_text(path, text):

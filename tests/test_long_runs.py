@@ -193,7 +193,7 @@ def test_temporaries_left_by_a_killed_writer_are_cleaned_up_by_the_next_save(tmp
     old = time.time() - checkpoint.STALE_S - 60
     os.utime(stale, (old, old))
     os.utime(other, (old, old))
-    checkpoint.save({"i": 1}, str(path))
+    checkpoint.save({"model": "three", "state_dict": {}, "i": 1}, str(path))
     assert checkpoint.load(str(path))["i"] == 1
     assert not stale.exists() and live.exists() and other.exists()  # a live writer's file, another file's: kept
 
