@@ -342,7 +342,7 @@ def loaders_for(cfg, device, splits, train_split=None, sharded=True):
 
 def check_data(cfg):
     """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training."""
-    if not os.path.isdir(cfg["data_dir"]) and cfg["data_dir"] == DEMO_DIR:
+    if not os.path.isdir(cfg["data_dir"]) and os.path.abspath(cfg["data_dir"]) == os.path.abspath(DEMO_DIR):
         demo_data.ensure(DEMO_DIR)
     for split in dataset.SPLITS:
         df = dataset.read_split_csv(cfg["data_dir"], split)
@@ -500,7 +500,16 @@ def find_resume(cfg, path):
     return os.path.join(path, "last.pth") if os.path.isdir(path) else path
 
 
+# Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
+PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "ckpt_dir", "skip_ckpt", "three_ckpt")
+
+
+def absolute_paths(cfg):
+    return {**cfg, **{k: os.path.abspath(cfg[k]) for k in PATH_SETTINGS if cfg.get(k)}}
+
+
 def check_resume_config(saved, given, path):
+    saved, given = absolute_paths(saved), absolute_paths(given)  # 'dataset' and '/home/me/dataset' agree
     for k, v in given.items():
         if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v:
             raise UserError(f"cannot resume {path} with --{k.replace('_', '-')} {v}: that run used {saved[k]!r} "
@@ -622,7 +631,8 @@ def train(cfg, given, resume):
                  mix=make_mix(cfg), loss_fn=make_loss(cfg, class_weights(cfg, device, recall)))
 
     def snapshot(finished=False):
-        return dict(format=checkpoint.FORMAT, model=cfg["model"], num_classes=dataset.NUM_CLASSES, config=cfg,
+        return dict(format=checkpoint.FORMAT, model=cfg["model"], num_classes=dataset.NUM_CLASSES,
+                    config=absolute_paths(cfg),
                     epoch=epoch, step=step, best_acc=best_acc, best_epoch=best_epoch, bad_epochs=bad_epochs,
                     finished=finished, state_dict=raw.state_dict(), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), scaler=scaler.state_dict(),

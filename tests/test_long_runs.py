@@ -139,6 +139,29 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
     assert torch.load(last, weights_only=True)["config"]["lr"] == 2e-4
 
 
+def test_a_run_with_relative_paths_resumes_from_another_working_directory(tiny_data, tmp_path, run_main,
+                                                                           monkeypatch):
+    monkeypatch.chdir(os.path.dirname(tiny_data))
+    args = base_args(os.path.basename(tiny_data), tmp_path, "--epochs", "1", "--amp", "off")
+    args[args.index("--out-dir") + 1] = "runs-rel"  # relative too
+    assert run_main(args)[0] == 0
+    last = Path(tiny_data).parent / "runs-rel" / "r" / "last.pth"
+    ck = torch.load(last, weights_only=True)
+    assert ck["config"]["data_dir"] == tiny_data and os.path.isabs(ck["config"]["out_dir"])
+    ck["finished"], ck["config"]["epochs"] = False, 2  # as if it had been stopped with an epoch to go
+    checkpoint.save(ck, str(last))
+    monkeypatch.chdir(tmp_path)  # elsewhere: 'tiny...' and 'runs-rel' mean nothing here
+    rc, out, err = run_main(["--resume", str(last), "--quiet"])
+    assert rc == 0, err
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    # the same data folder given relatively again (from its parent) is not "another setting"
+    monkeypatch.chdir(os.path.dirname(tiny_data))
+    ck = torch.load(last, weights_only=True)
+    ck["finished"], ck["config"]["epochs"] = False, 3
+    checkpoint.save(ck, str(last))
+    assert run_main(["--resume", str(last), "--quiet", "--data-dir", os.path.basename(tiny_data)])[0] == 0
+
+
 def test_resume_refuses_a_checkpoint_without_training_state(tmp_path, run_main):
     path = tmp_path / "weights.pth"
     checkpoint.save({"model": "three", "state_dict": models.ThreeCNN().state_dict(), "config": {}}, str(path))
