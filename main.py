@@ -438,32 +438,32 @@ def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
         except torch.OutOfMemoryError:
             if WORLD > 1 or batches.batch_size == 1:
                 raise
-            torch.cuda.empty_cache()
-            batches.batch_size //= 2
-            log(f"note: out of GPU memory evaluating at batch {2 * batches.batch_size}; evaluating at "
-                f"{batches.batch_size} (--eval-batch-size sets it)")
+        # Here, out of the except block, the failed attempt's tensors (held by the traceback) are freed.
+        torch.cuda.empty_cache()
+        batches.batch_size //= 2
+        log(f"note: out of GPU memory evaluating at batch {2 * batches.batch_size}; evaluating at "
+            f"{batches.batch_size} (--eval-batch-size sets it)")
 
 
 @torch.inference_mode()
 def _predict_probs(model, batches, cfg, device, amp, tta, desc):
     model.eval()
     probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
-    bar = progress(len(batches), desc, cfg)
-    for x, y, idx in batches.batches(batches.plan()):
-        x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
-        views = dataloader.tta_views(x) if tta else [x]
-        p = 0
-        for v in views:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                p = p + model(v).float().softmax(1)
-        p = p / len(views)
-        if y is not None:
-            loss_sum += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum")
-            count += len(y)
-        probs.append(p)
-        pos.append(idx)
-        bar.update(1)
-    bar.close()
+    with progress(len(batches), desc, cfg) as bar:  # closed also when an out-of-memory error ends it
+        for x, y, idx in batches.batches(batches.plan()):
+            x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+            views = dataloader.tta_views(x) if tta else [x]
+            p = 0
+            for v in views:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    p = p + model(v).float().softmax(1)
+            p = p / len(views)
+            if y is not None:
+                loss_sum += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum")
+                count += len(y)
+            probs.append(p)
+            pos.append(idx)
+            bar.update(1)
     return torch.cat(probs).cpu(), torch.cat(pos), loss_sum, count
 
 
