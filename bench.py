@@ -124,8 +124,8 @@ class PeakMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.sizes:
-                s = t.untyped_storage()  # views and in-place results share a storage: counted once
+            s = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if s is not None and id(s) not in self.sizes:  # views and in-place results share a storage: once
                 self.sizes[id(s)] = s.nbytes()
                 self.now += s.nbytes()
                 weakref.finalize(s, self._freed, id(s))  # counted until the storage is freed
@@ -148,22 +148,24 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
     gen = torch.Generator().manual_seed(0)
     real_constants = dict(dataloader._NORM)  # normalize()'s cached constants: fake ones must not outlive this
     dataloader._NORM.clear()
-    with FakeTensorMode(), PeakMemory() as mem:
-        data = torch.zeros(sum(REAL_SPLITS.values()), 3, 100, 100, dtype=torch.uint8)
-        labels = torch.zeros(len(data), dtype=torch.long)
-        data_mib = mem.now / 2**20
-        model = models.build_model(name)  # channels_last: same sizes (and FakeTensorMode cannot convert modules)
-        ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
-        steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu), gen, amp, True,
-                            cpu, grad_scaler=False)  # its overflow check reads values, which fake tensors lack
-        for _ in range(2):  # the second step has Adam's state from the first
-            next(steps)
-        train_mib, mem.peak = mem.peak / 2**20, mem.now
-        evaluate = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
-        main.predict_probs(model, evaluate, cfg, cpu, amp, cfg["tta"])
-        del ema
-    dataloader._NORM.clear()
-    dataloader._NORM.update(real_constants)
+    try:
+        with FakeTensorMode(), PeakMemory() as mem:
+            data = torch.zeros(sum(REAL_SPLITS.values()), 3, 100, 100, dtype=torch.uint8)
+            labels = torch.zeros(len(data), dtype=torch.long)
+            data_mib = mem.now / 2**20
+            model = models.build_model(name)  # channels_last: same sizes (FakeTensorMode cannot convert modules)
+            ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
+            steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu), gen, amp,
+                                True, cpu, grad_scaler=False)  # its overflow check reads values: fake tensors have none
+            for _ in range(2):  # the second step has Adam's state from the first
+                next(steps)
+            train_mib, mem.peak = mem.peak / 2**20, mem.now
+            evaluate = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
+            main.predict_probs(model, evaluate, cfg, cpu, amp, cfg["tta"])
+            del ema
+    finally:
+        dataloader._NORM.clear()
+        dataloader._NORM.update(real_constants)
     return {"preset": preset, "model": name, "batch": batch, "eval_batch": eval_batch, "data_mib": data_mib,
             "train_peak_mib": train_mib, "eval_peak_mib": mem.peak / 2**20,
             "fits_4gb": max(train_mib, mem.peak / 2**20) <= FITS_MIB}
