@@ -205,7 +205,9 @@ def amp_dtype(cfg, device):
     mode = cfg["amp"]
     if mode == "auto":
         if device.type == "cuda":
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # including_emulation=False: by default PyTorch also says yes to cards that only emulate bf16
+            # (a GTX 1650, compute capability 7.5), where it is slow; those get fp16 and a GradScaler.
+            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             mode = "bf16" if cpu_has_bf16() else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]

@@ -136,3 +136,16 @@ def test_fp16_with_grad_scaler_trains_as_on_a_gtx_1650(tmp_path, run_main):
     ck = torch.load(run / "last.pth", weights_only=True)
     assert ck["config"]["amp"] == "fp16" and ck["scaler"]["scale"] > 1  # enabled: fp32 runs save an empty state
     assert "precision float16" in out
+
+
+@pytest.mark.parametrize("capability, expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_amp_auto_gives_fp16_to_cards_that_only_emulate_bf16(capability, expected, monkeypatch):
+    """PyTorch's own check says a GTX 1650 (compute capability 7.5) 'supports' bf16 because it can emulate it;
+    --amp auto must still pick fp16 + GradScaler there. The library's check runs, on a pretend device."""
+    import types
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(major=capability))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    assert torch.cuda.is_bf16_supported()  # what the default check says, even on capability 7
+    assert main.amp_dtype({"amp": "auto"}, torch.device("cuda")) == expected
