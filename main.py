@@ -130,8 +130,8 @@ def build_parser():
     s.add_argument("--pin-memory", action=argparse.BooleanOptionalAction)
     s.add_argument("--max-memory-gb", type=float, help="largest decoded split held in memory (default 4)")
     s.add_argument("--cache-dir", help="where decoded splits are cached (default DATA/.cache or ~/.cache)")
-    s.add_argument("--eval-batch-size", type=int, help="batch for evaluation and prediction (default: 256 on a "
-                   "GPU, 16 on a CPU)")
+    s.add_argument("--eval-batch-size", type=int, help="batch for evaluation and prediction (default on a GPU: "
+                   "256 for three, 64 for skip and ensemble, to fit 4 GB; 16 on a CPU)")
     s.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic algorithms")
     s.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, help="autograd anomaly detection")
     o = p.add_argument_group("files")
