@@ -433,12 +433,13 @@ def check_finite(losses, epoch):
 def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
     """Softmax probabilities in split order, plus (summed loss, count) when the split is labelled.
     A GPU that runs out of memory gets the split again at half the batch: an evaluation never ends a run
-    that trained well (under torchrun the processes must agree on the batch, so there it is an error)."""
+    that trained well (when the split is shared out under torchrun the processes must agree on the batch,
+    so there it is an error)."""
     while True:
         try:
             return _predict_probs(model, batches, cfg, device, amp, tta, desc)
         except torch.OutOfMemoryError:
-            if WORLD > 1 or batches.batch_size == 1:
+            if batches.world > 1 or batches.batch_size == 1:
                 raise
         # Here, out of the except block, the failed attempt's tensors (held by the traceback) are freed.
         torch.cuda.empty_cache()
@@ -647,11 +648,13 @@ def train(cfg, given, resume):
     # run resumes from its last end-of-epoch checkpoint.
     previous_handlers = Stop.install() if WORLD == 1 else {}
     finished = False
+    phase = "train"  # which of the two ran out of memory, if one does
     try:
         while epoch < cfg["epochs"]:
             t0 = time.time()
             if step == 0:
                 plan, partial = tr.plan(state["gen"]), torch.zeros(3, device=device)
+            phase = "train"
             step = train_steps(state, tr, plan, step, epoch + 1, partial)
             if Stop.signal is not None and step < len(tr):  # interrupted mid-epoch: save where we are
                 if RANK == 0:
@@ -664,6 +667,7 @@ def train(cfg, given, resume):
             if WORLD > 1:
                 dist.all_reduce(partial)
             eval_model = ema.module if ema is not None else raw
+            phase = "validate"
             val_loss, val_acc, recall = evaluate_split(eval_model, va, cfg, device, amp)
             lr = opt.param_groups[0]["lr"]
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -700,8 +704,16 @@ def train(cfg, given, resume):
             f"or --detect-anomaly to find the operation")
         return 3
     except torch.OutOfMemoryError:
-        raise UserError(f"the GPU ran out of memory at batch size {cfg['batch_size']}: lower it with --batch-size "
-                        f"{max(1, cfg['batch_size'] // 2)} (or --eval-batch-size for evaluation)")
+        if phase == "train":
+            raise UserError(f"the GPU ran out of memory at batch size {cfg['batch_size']}: start again with "
+                            f"--batch-size {max(1, cfg['batch_size'] // 2)}")
+        if va.batch_size == 1:
+            raise  # not the batch: main() names the other causes
+        # The evaluation batch may change on resume: the run goes on from its last saved epoch.
+        flag = f"--eval-batch-size {va.batch_size // 2}"
+        raise UserError(f"the GPU ran out of memory validating at batch {va.batch_size}: " +
+                        (f"continue with python main.py --resume {run_dir} {flag}" if os.path.exists(last)
+                         else f"start again with {flag}"))
     finally:
         for s, h in previous_handlers.items():
             signal.signal(s, h)
@@ -879,6 +891,10 @@ def main(argv=None):
         if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the original line
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:  # one that no step above could name better (evaluation at batch 1, ...)
+        print("error: the GPU ran out of memory: close other programs using it, or lower --eval-batch-size",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is intact", file=sys.stderr)

@@ -331,3 +331,56 @@ def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_prediction
     assert batches.batch_size == 5 and count == 20 and pos.tolist() == list(range(20))
     assert torch.allclose(probs, expected, atol=1e-5)
     assert "evaluating at 10" in capsys.readouterr().out
+
+
+def _oom_in_evaluation(monkeypatch, when):
+    """ThreeCNN runs out of memory in evaluation (eval mode) whenever when(x) says so."""
+    forward = models.ThreeCNN.forward
+
+    def patched(self, x):
+        if not self.training and when(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+    monkeypatch.setattr(models.ThreeCNN, "forward", patched)
+
+
+def test_validation_out_of_memory_in_a_run_halves_the_evaluation_batch(tiny_data, tmp_path, run_main, monkeypatch):
+    _oom_in_evaluation(monkeypatch, lambda x: len(x) > 2)  # a card that evaluates 2 images at a time
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--eval-batch-size", "8"))
+    assert rc == 0, err
+    assert "evaluating at 4" in out and "evaluating at 2" in out and "epoch   2/2" in out
+    assert (tmp_path / "runs" / "r" / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("at_epoch", [1, 2])
+def test_validation_out_of_memory_when_shared_out_names_the_flag_and_the_resume(tiny_data, tmp_path, run_main,
+                                                                               monkeypatch, at_epoch):
+    # Under torchrun each process validates its share of every batch, so the batch cannot be halved there:
+    # the validation loader is given a share here (process 0 of 2) without starting processes.
+    loaders_for = main.loaders_for
+
+    def shared_validation(cfg, device, splits, train_split=None, sharded=True):
+        out = loaders_for(cfg, device, splits, train_split, sharded)
+        if train_split:
+            out["validation"].rank, out["validation"].world = 0, 2
+        return out
+    monkeypatch.setattr(main, "loaders_for", shared_validation)
+    last = tmp_path / "runs" / "r" / "last.pth"
+    _oom_in_evaluation(monkeypatch, lambda x: at_epoch == 1 or last.exists())
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--eval-batch-size", "8"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "validating at batch 8" in err
+    if at_epoch == 1:  # nothing saved yet
+        assert "start again with --eval-batch-size 4" in err and not last.exists()
+        return
+    assert f"--resume {tmp_path / 'runs' / 'r'} --eval-batch-size 4" in err
+    monkeypatch.undo()
+    rc, out, err = run_main(["--resume", tmp_path / "runs" / "r", "--eval-batch-size", "4"])
+    assert rc == 0 and "resuming" in out and "epoch   2/2" in out, err
+
+
+def test_out_of_memory_evaluating_one_image_is_one_line(tiny_data, tmp_path, run_main, monkeypatch):
+    _oom_in_evaluation(monkeypatch, lambda x: True)
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--eval-batch-size", "2"))
+    assert rc == 2 and "evaluating at 1" in out
+    assert err.strip().splitlines() == ["error: the GPU ran out of memory: close other programs using it, or lower "
+                                        "--eval-batch-size"]
