@@ -763,7 +763,8 @@ def promote(best, cfg):
         aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{datetime.datetime.now():%Y%m%d-%H%M%S}.pth")
         os.replace(dest, aside)
         log(f"kept the previous {dest} as {aside}")
-    checkpoint.atomic_write_bytes(dest, open(best, "rb").read())
+    with open(best, "rb") as f:
+        checkpoint.atomic_write_bytes(dest, f.read())
     log(f"best checkpoint: {dest}")
 
 
