@@ -181,8 +181,11 @@ def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         for old in os.listdir(cache_dir):  # drop stale caches of this split
-            if old.startswith(f"{split}-") and old.endswith(".pt"):
-                os.remove(os.path.join(cache_dir, old))
+            if old.startswith(f"{split}-") and old.endswith(".pt") and old != os.path.basename(cache):
+                try:
+                    os.remove(os.path.join(cache_dir, old))
+                except FileNotFoundError:  # another process (torchrun) removed it first
+                    pass
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(data, f)

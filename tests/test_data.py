@@ -150,6 +150,20 @@ def test_decode_cache_is_reused_and_invalidated(copy_data, tmp_path):
     assert len(os.listdir(tmp_path)) == 1  # the stale cache was removed
 
 
+def test_decode_cache_is_written_when_another_process_removes_a_stale_one_first(tiny_data, tmp_path, monkeypatch):
+    # Under torchrun every process decodes and caches: one may remove a stale cache between the other's
+    # listing the folder and removing it.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listdir(p) + (["validation-0123456789abcdef.pt"]
+                                                               if str(p) == str(cache) else []))
+    msgs = []
+    dataset.load_split_tensors(tiny_data, "validation", str(cache), log=msgs.append)
+    assert len(msgs) == 1 and msgs[0].startswith("decoding")  # no "could not write the decode cache"
+    assert len(listdir(cache)) == 1
+
+
 def test_read_only_data_folder_caches_elsewhere(copy_data, tmp_path, monkeypatch):
     os.chmod(copy_data, 0o555)
     try:
