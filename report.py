@@ -162,8 +162,10 @@ def compare_runs(folders):
     rows = []
     for d in folders:
         try:
-            rep = json.load(open(os.path.join(d, "report.json")))
-            cfg = json.load(open(os.path.join(d, "config.json")))
+            with open(os.path.join(d, "report.json")) as f:
+                rep = json.load(f)
+            with open(os.path.join(d, "config.json")) as f:
+                cfg = json.load(f)
             log = read_log(os.path.join(d, "log.csv"))
         except (OSError, ValueError):
             continue  # not a finished training run
