@@ -294,6 +294,13 @@ def class_weights(cfg, device, recall=None):
     return torch.tensor(w, device=device)
 
 
+def make_optimizer(params, lr, weight_decay=0.0):
+    """Adam, fused: one kernel updates every parameter. The default (a loop over the parameters on a CPU)
+    takes 6x as long there: a ThreeCNN step 8.5 vs 1.5 ms, SkipConCNN 174 vs 30 ms. On a GPU fused is the
+    library's fastest Adam too, and works with the GradScaler."""
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def make_scheduler(cfg, opt):
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
@@ -591,8 +598,7 @@ def train(cfg, given, resume):
         model = torch.compile(model)
     if WORLD > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad], lr=cfg["lr"],
-                           weight_decay=cfg["weight_decay"])
+    opt = make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"])
     sched = make_scheduler(cfg, opt)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = None
@@ -605,6 +611,8 @@ def train(cfg, given, resume):
     if ckpt is not None:  # continue exactly where the run stopped
         raw.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the implementation is this code's choice, not the checkpoint's
+            group.update(fused=True, foreach=None)
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:

@@ -384,3 +384,16 @@ def test_out_of_memory_evaluating_one_image_is_one_line(tiny_data, tmp_path, run
     assert rc == 2 and "evaluating at 1" in out
     assert err.strip().splitlines() == ["error: the GPU ran out of memory: close other programs using it, or lower "
                                         "--eval-batch-size"]
+
+
+def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_data, tmp_path, run_main):
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    last = tmp_path / "runs" / "r" / "last.pth"
+    ck = torch.load(last, weights_only=True)
+    assert all(g["fused"] is True for g in ck["optimizer"]["param_groups"])
+    for g in ck["optimizer"]["param_groups"]:
+        g["fused"] = None  # as PyTorch's default Adam writes it
+    ck["finished"], ck["config"]["epochs"] = False, 2
+    checkpoint.save(ck, str(last))
+    assert run_main(["--resume", last, "--quiet"])[0] == 0
+    assert all(g["fused"] is True for g in torch.load(last, weights_only=True)["optimizer"]["param_groups"])

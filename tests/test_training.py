@@ -149,3 +149,25 @@ def test_amp_auto_gives_fp16_to_cards_that_only_emulate_bf16(capability, expecte
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
     assert torch.cuda.is_bf16_supported()  # what the default check says, even on capability 7
     assert main.amp_dtype({"amp": "auto"}, torch.device("cuda")) == expected
+
+
+def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_bf16_model():
+    import torch.nn.functional as F
+    x = torch.randn(4, 3, 100, 100).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 4])
+    weights = []
+    for make in (main.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
+        torch.manual_seed(3)
+        model = models.ThreeCNN().to(memory_format=torch.channels_last)
+        start = model.features[0].weight.detach().clone()
+        opt = make(model.parameters(), 5e-4, 1e-4)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights.append(model.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert (weights[0]["features.0.weight"] - start).abs().max() > 1e-4  # the steps did something
+    assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
