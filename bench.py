@@ -192,6 +192,8 @@ def main_bench(argv=None):
     p.add_argument("--workers", type=int, default=main.DEFAULTS["workers"], help="baseline DataLoader workers "
                    "(the report's 4, at most one per core)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="train and inference batch of both paths "
+                   "(default: the report's batch to train, main.py's evaluation batch to infer on the fast path)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--cache-dir", default=None)
@@ -257,7 +259,7 @@ def main_bench(argv=None):
     measure("input", "-", lambda: input_steps(slow_in, gen), lambda: input_steps(fast_in, gen), 16, 16)
 
     for name in names:
-        batch = main.RECIPES[name]["batch_size"]
+        batch = a.batch_size or main.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
         fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
         slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
@@ -273,7 +275,7 @@ def main_bench(argv=None):
             return extra
         measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
                 lambda: train_steps(fast_model, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
-        eval_batch = main.eval_batch_size({**main.DEFAULTS, "model": name}, device)
+        eval_batch = a.batch_size or main.eval_batch_size({**main.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
         measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
                 lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))

@@ -178,16 +178,20 @@ def setup_distributed(cfg):
     """Under torchrun: one process per GPU (or CPU process with gloo). Returns the device."""
     global RANK, WORLD
     want = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = want.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = want.startswith("cuda")
+        per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
+        if cuda and per_machine > gpus:  # every process checks, so none is left waiting for the others
+            raise UserError(f"torchrun started {per_machine} processes on this machine, which has {gpus} GPU(s) "
+                            f"(one process per GPU): use --nproc_per_node={gpus}, or --device cpu")
         dist.init_process_group("nccl" if cuda else "gloo")
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
         if cuda:
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(want)
     device = torch.device(want)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
     return device
 
 
@@ -700,7 +704,9 @@ def train(cfg, given, resume):
                 append_log(log_csv, row)
                 log(f"epoch {epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
                     f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%  lr {lr:.2e}  {row['seconds']:.1f}s"
-                    + ("  *best*" if improved else f"  ({bad_epochs}/{cfg['early_stop']} without gain)"))
+                    + ("  *best*" if improved else f"  ({bad_epochs}/{cfg['early_stop']} without gain)")
+                    + (f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
+                       if device.type == "cuda" else ""))
             if Stop.signal is not None:
                 log(f"stopped after epoch {epoch}; resume with: python main.py --resume {run_dir}")
                 return 130 if Stop.signal == signal.SIGINT else 143

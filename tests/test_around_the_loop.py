@@ -92,7 +92,7 @@ def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path):
     """DDP with gloo on the CPU: each process trains on half of every batch, gradients are averaged, so
     the run follows the single-process one; BatchNorm sees half batches and dropout draws differ, so
     the match is approximate: train loss within 15% and the same epoch count."""
-    args = [str(a) for a in base_args(tiny_data, tmp_path, "--epochs", "2", "--amp", "off")]
+    args = [str(a) for a in base_args(tiny_data, tmp_path, "--epochs", "2", "--amp", "off", "--device", "cpu")]
     one = subprocess.run([sys.executable, "main.py", *args, "--run-name", "one"], cwd=ROOT, capture_output=True,
                          text=True)
     assert one.returncode == 0, one.stderr

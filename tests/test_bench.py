@@ -19,6 +19,12 @@ def test_bench_writes_the_documented_json(tiny_data, tmp_path):
     assert rows[1]["gflop_per_image"] > 3 * rows[2]["gflop_per_image"] * 0.9  # training = forward + backward
 
 
+def test_bench_batch_size_sets_both_paths(tiny_data, tmp_path):
+    rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--batch-size", "4",
+                             "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
+    assert [(r["baseline_batch"], r["fast_batch"]) for r in rows[1:]] == [(4, 4), (4, 4)]
+
+
 def test_peak_memory_counts_storages_alive_at_once():
     with bench.PeakMemory() as mem:
         keep = torch.empty(1000)           # 4,000 bytes, kept

@@ -120,3 +120,18 @@ def test_corrupt_checkpoint(kind, tiny_data, tmp_path, run_main):
         torch.save({"weights": torch.zeros(3)}, path)
     rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--predict", path])
     assert rc == 2 and str(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(tiny_data, tmp_path, run_main, monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: every process stops with the fix before any of them
+    joins the process group (one that joined would wait there for the others for ever)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: joined.append(a))
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--device", "cuda"))
+    assert rc == 2 and not joined
+    assert err.strip().splitlines() == ["error: torchrun started 2 processes on this machine, which has 1 GPU(s) "
+                                        "(one process per GPU): use --nproc_per_node=1, or --device cpu"]
