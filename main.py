@@ -305,6 +305,14 @@ def make_optimizer(params, lr, weight_decay=0.0):
     return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def load_optimizer_state(opt, state):
+    """Adam's saved state, run fused whatever implementation wrote it (a checkpoint of PyTorch's default Adam
+    says fused=None). The flag is set in the saved groups before loading, because loading reads it there:
+    fused Adam keeps its step counters on the GPU beside the weights, the default Adam on the CPU."""
+    groups = [{**g, "fused": True, "foreach": None} for g in state["param_groups"]]
+    opt.load_state_dict({**state, "param_groups": groups})
+
+
 def make_scheduler(cfg, opt):
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
@@ -614,9 +622,7 @@ def train(cfg, given, resume):
     partial = torch.zeros(3, device=device)
     if ckpt is not None:  # continue exactly where the run stopped
         raw.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # the implementation is this code's choice, not the checkpoint's
-            group.update(fused=True, foreach=None)
+        load_optimizer_state(opt, ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:

@@ -386,7 +386,9 @@ def test_out_of_memory_evaluating_one_image_is_one_line(tiny_data, tmp_path, run
                                         "--eval-batch-size"]
 
 
-def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_data, tmp_path, run_main):
+def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_data, tmp_path, run_main, monkeypatch):
+    """The flag must be in the state Adam loads, not only set after: loading puts the step counters where
+    that flag says (on a GPU, fused Adam refuses counters left on the CPU; seen on an H200)."""
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
     last = tmp_path / "runs" / "r" / "last.pth"
     ck = torch.load(last, weights_only=True)
@@ -395,5 +397,9 @@ def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_da
         g["fused"] = None  # as PyTorch's default Adam writes it
     ck["finished"], ck["config"]["epochs"] = False, 2
     checkpoint.save(ck, str(last))
+    loaded, load = [], torch.optim.Adam.load_state_dict
+    monkeypatch.setattr(torch.optim.Adam, "load_state_dict",
+                        lambda opt, sd: (loaded.append([g["fused"] for g in sd["param_groups"]]), load(opt, sd))[1])
     assert run_main(["--resume", last, "--quiet"])[0] == 0
+    assert loaded and all(f is True for flags in loaded for f in flags)
     assert all(g["fused"] is True for g in torch.load(last, weights_only=True)["optimizer"]["param_groups"])
