@@ -70,9 +70,22 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def to_cpu(obj):
+    """The same nesting of dicts, lists and tuples with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save(obj, path):
+    """Tensors are saved from the CPU: a checkpoint written on a GPU then loads anywhere, also with a plain
+    torch.load(path, weights_only=True) on a machine without one."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(to_cpu(obj), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

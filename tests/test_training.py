@@ -54,6 +54,21 @@ def test_checkpoint_round_trip_with_weights_only(trained):
     assert all(torch.equal(a, ckpt["state_dict"][k]) for k, a in m.state_dict().items())
 
 
+def test_checkpoints_are_saved_from_the_cpu_with_their_nesting(tmp_path, monkeypatch):
+    """A run on a GPU saves from the CPU (without, a plain torch.load on a machine without a GPU fails, and
+    the round trip above failed on an H200): every tensor goes through .cpu() on its way to torch.save, nesting kept."""
+    import checkpoint
+    w = torch.ones(3, requires_grad=True)
+    obj = {"state_dict": {"w": w * 2}, "rng": ("MT", [torch.arange(2), 1.5]), "none": None}
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: (seen.append(t.device), t.detach().clone())[1])
+    checkpoint.save(obj, tmp_path / "c.pth")
+    back = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert len(seen) == 2 and torch.equal(back["state_dict"]["w"], torch.full((3,), 2.0))
+    assert back["rng"][0] == "MT" and isinstance(back["rng"], tuple) and torch.equal(back["rng"][1][0], torch.arange(2))
+    assert back["none"] is None and not back["state_dict"]["w"].requires_grad
+
+
 def test_evaluate_and_predict_from_a_checkpoint(trained, tiny_data, run_main):
     tmp, run = trained
     flags = ["--data-dir", tiny_data, "--out-dir", tmp / "cmds", "--cache-dir", tmp / "cache", "--quiet"]
