@@ -44,16 +44,26 @@ def epoch_of(path):
         return -1
 
 
+def logged_epochs(path):
+    try:
+        return len(path.read_text().splitlines()) - 1  # the header, then one row per finished epoch
+    except OSError:
+        return 0
+
+
 def start_and_wait_for_epoch_1(argv):
+    """Starts a run and returns early in its epoch 2. Epoch 1's row in log.csv is written after its checkpoint
+    and just before the run looks for a stop signal, so a signal sent soon after lands in epoch 2 (50 steps;
+    on a GPU they take ~0.2 s, so no fixed sleep is safe: polling is)."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = Path(argv[argv.index("--out-dir") + 1]) / "r" / "last.pth"
+    run = Path(argv[argv.index("--out-dir") + 1]) / "r"
     deadline = time.time() + 120
-    while epoch_of(last) < 1:
-        assert p.poll() is None and time.time() < deadline, "run ended before its first epoch was saved"
-        time.sleep(0.05)
-    time.sleep(0.4)  # well inside epoch 2 (50 steps)
-    return p, last
+    while logged_epochs(run / "log.csv") < 1:
+        assert p.poll() is None and time.time() < deadline, "run ended before its first epoch was logged"
+        time.sleep(0.01)
+    time.sleep(0.02)
+    return p, run / "last.pth"
 
 
 def assert_same_run(a, b):
