@@ -56,8 +56,8 @@ def test_checkpoint_round_trip_with_weights_only(trained):
 
 def test_checkpoints_are_saved_from_the_cpu_with_their_nesting(tmp_path, monkeypatch):
     """A run on a GPU saves from the CPU (without, a plain torch.load on a machine without a GPU fails, and
-    the round trip above failed on an H200): every tensor goes through .cpu() on its way to torch.save, nesting kept."""
-    import checkpoint
+    the round trip above failed on an H200): every tensor goes through .cpu() on its way to torch.save,
+    nesting kept."""
     w = torch.ones(3, requires_grad=True)
     obj = {"state_dict": {"w": w * 2}, "rng": ("MT", [torch.arange(2), 1.5]), "none": None}
     seen = []
@@ -186,3 +186,12 @@ def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_
     assert weights[0].keys() == weights[1].keys()
     assert (weights[0]["features.0.weight"] - start).abs().max() > 1e-4  # the steps did something
     assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
+
+
+def test_compile_flag_compiles_the_model_it_trains(tiny_data, tmp_path, run_main, monkeypatch):
+    """--compile: the model is compiled (on a CPU without CUDA graphs: mode None) and the run completes."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: (calls.append(kw), model)[1])
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--compile", "--epochs", "1", "--device", "cpu"))
+    assert rc == 0, err
+    assert calls == [{"mode": None}]
