@@ -183,7 +183,7 @@ def setup_distributed(cfg):
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
+        per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
         if cuda and per_machine > gpus:  # every process checks, so none is left waiting for the others
             raise UserError(f"torchrun started {per_machine} processes on this machine, which has {gpus} GPU(s) "
                             f"(one process per GPU): use --nproc_per_node={gpus}, or --device cpu")
