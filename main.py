@@ -577,9 +577,17 @@ def train(cfg, given, resume):
         check_resume_config(ckpt["config"], given, path)
         cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
         if ckpt["finished"]:
-            log(f"{path}: this run already finished (epoch {ckpt['epoch']}, best val acc "
-                f"{100 * ckpt['best_acc']:.2f}%); nothing to do")
-            return 0
+            # A finished run goes on only where a larger --epochs or --early-stop lets it.
+            limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
+                                             ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
+            if limits:
+                log(f"{path}: this run already finished (epoch {ckpt['epoch']} of {cfg['epochs']}, {ckpt['bad_epochs']} "
+                    f"without gain of {cfg['early_stop']} allowed; best val acc {100 * ckpt['best_acc']:.2f}% at epoch "
+                    f"{ckpt['best_epoch']}); nothing to do. To train it further, resume with a larger "
+                    f"{' and '.join(limits)}")
+                return 0
+            log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
+                f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
         run_dir = os.path.dirname(os.path.abspath(path))
     device = setup_distributed(cfg)  # after a resume has restored the run's own settings
     amp = amp_dtype(cfg, device)
@@ -629,6 +637,13 @@ def train(cfg, given, resume):
         raw.load_state_dict(ckpt["state_dict"])
         load_optimizer_state(opt, ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
+            # --epochs changed on resume: from here on the rate is that of a cosine over the new number of
+            # epochs. Kept at the saved length, it would climb again past its end; a finished run resumed
+            # from the end of its cosine would go on at a rate of zero.
+            sched.T_max = cfg["epochs"]
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema_state_dict"])
