@@ -15,6 +15,7 @@ the training run · the other commands · entry point.
 import argparse
 import csv
 import datetime
+import errno
 import glob
 import io
 import json
@@ -173,6 +174,8 @@ def log(*a):
 
 
 RANK, WORLD = 0, 1
+# Errors of the disk, not of the program: a user can fix them (one line, no traceback).
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
 
 
 def setup_distributed(cfg):
@@ -682,6 +685,18 @@ def train(cfg, given, resume):
                     rng=checkpoint.rng_state(gen), plan=plan, partial=partial.cpu(), recall=recall)
 
     last = os.path.join(run_dir, "last.pth")
+
+    def write(fn, *args):
+        """A disk that fills up (or a folder that loses its write permission) mid-run: one line with the way
+        back, not a traceback. What was written before is intact: every file is replaced atomically."""
+        try:
+            fn(*args)
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            then = (f"resume with: python main.py --resume {run_dir}" if os.path.exists(last) else "start again")
+            raise UserError(f"could not write to {run_dir} ({e.strerror}): free some space there (or fix its "
+                            f"permissions), then {then}")
     # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
     # run resumes from its last end-of-epoch checkpoint.
     previous_handlers = Stop.install() if WORLD == 1 else {}
@@ -696,7 +711,7 @@ def train(cfg, given, resume):
             step = train_steps(state, tr, plan, step, epoch + 1, partial)
             if Stop.signal is not None and step < len(tr):  # interrupted mid-epoch: save where we are
                 if RANK == 0:
-                    checkpoint.save(snapshot(), last)
+                    write(checkpoint.save, snapshot(), last)
                     code = 130 if Stop.signal == signal.SIGINT else 143
                     log(f"saved {last} (epoch {epoch + 1}, step {step}).\nresume with: "
                         f"python main.py --resume {run_dir}")
@@ -725,9 +740,9 @@ def train(cfg, given, resume):
             finished = bad_epochs >= cfg["early_stop"] or epoch >= cfg["epochs"]
             if RANK == 0:
                 if improved:
-                    checkpoint.save(snapshot(), os.path.join(run_dir, "best.pth"))
-                checkpoint.save(snapshot(finished), last)
-                append_log(log_csv, row)
+                    write(checkpoint.save, snapshot(), os.path.join(run_dir, "best.pth"))
+                write(checkpoint.save, snapshot(finished), last)
+                write(append_log, log_csv, row)
                 log(f"epoch {epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
                     f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%  lr {lr:.2e}  {row['seconds']:.1f}s"
                     + ("  *best*" if improved else f"  ({bad_epochs}/{cfg['early_stop']} without gain)")
@@ -758,7 +773,7 @@ def train(cfg, given, resume):
         for s, h in previous_handlers.items():
             signal.signal(s, h)
     if not finished and RANK == 0:  # ran out of epochs exactly at a boundary
-        checkpoint.save(snapshot(True), last)
+        write(checkpoint.save, snapshot(True), last)
     if RANK == 0:
         finish_run(cfg, run_dir, device, amp)
     if WORLD > 1:
@@ -932,6 +947,12 @@ def main(argv=None):
         if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the original line
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a missing permission that no step above could name better
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}: free some space there or fix its "
+              f"permissions (a run's finished epochs are kept in its last.pth)", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:  # one that no step above could name better (evaluation at batch 1, ...)
         print("error: the GPU ran out of memory: close other programs using it, or lower --eval-batch-size",

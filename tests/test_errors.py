@@ -1,4 +1,5 @@
 """Every input a user can get wrong gives one clear line, a non-zero exit and no traceback."""
+import errno
 import os
 import shutil
 
@@ -135,3 +136,35 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(tiny_data, tmp_path,
     assert rc == 2 and not joined
     assert err.strip().splitlines() == ["error: torchrun started 2 processes on this machine, which has 1 GPU(s) "
                                         "(one process per GPU): use --nproc_per_node=1, or --device cpu"]
+
+
+def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(tiny_data, tmp_path, run_main, monkeypatch):
+    real, saves = checkpoint.save, []
+
+    def save(obj, path):  # epoch 1 saves best.pth and last.pth; the third save is epoch 2's
+        saves.append(path)
+        if len(saves) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+    monkeypatch.setattr(checkpoint, "save", save)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path))
+    run = tmp_path / "runs" / "r"
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err
+    assert f"python main.py --resume {run}" in err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1  # epoch 1 is intact
+    monkeypatch.setattr(checkpoint, "save", real)
+    rc, _, err = run_main(["--resume", run])
+    assert rc == 0, err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_an_unwritable_report_after_training_is_one_line(tiny_data, tmp_path, run_main, monkeypatch):
+    import report
+
+    def denied(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(report, "atomic_write_text", denied)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "Permission denied" in err and "report.txt" in err
+    assert torch.load(tmp_path / "runs" / "r" / "last.pth", weights_only=True)["finished"]  # training is kept
