@@ -598,8 +598,10 @@ def train(cfg, given, resume):
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
     check_data(cfg)
 
-    # Decoded (and so checked) before any run folder exists: a bad image costs seconds, not a run.
+    # Decoded (and so checked) before any run folder exists: a bad image costs seconds, not a run. The test
+    # split too, though it is predicted only at the end: into the decode cache, where the end finds it.
     loaders = loaders_for(cfg, device, ["train", "validation"], train_split="train")
+    dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "

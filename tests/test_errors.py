@@ -50,6 +50,8 @@ CASES = [
         os.path.join(d, "train", first_id(d) + ".png")), "cannot be read as an image"),
     ("text file as image", lambda d: open(os.path.join(d, "validation", first_id(d, "validation") + ".png"), "w").write("hello"),
      "cannot be read as an image"),
+    ("corrupt test image", lambda d: open(os.path.join(d, "test", first_id(d, "test") + ".png"), "wb").write(b"junk"),
+     "cannot be read as an image"),  # predicted only after training, but found before it
 ]
 
 
