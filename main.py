@@ -17,6 +17,7 @@ import csv
 import datetime
 import errno
 import glob
+import hashlib
 import io
 import json
 import math
@@ -366,12 +367,28 @@ def loaders_for(cfg, device, splits, train_split=None, sharded=True):
 
 
 def check_data(cfg):
-    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training."""
+    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training.
+    Returns what a resumed run must find again: {split: [rows, digest of its rows]} for train and validation."""
     if not os.path.isdir(cfg["data_dir"]) and os.path.abspath(cfg["data_dir"]) == os.path.abspath(DEMO_DIR):
         demo_data.ensure(DEMO_DIR)
+    seen = {}
     for split in dataset.SPLITS:
         df = dataset.read_split_csv(cfg["data_dir"], split)
         dataset.find_images(cfg["data_dir"], split, df["image_id"].tolist())
+        seen[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
+    return {split: seen[split] for split in ("train", "validation")}
+
+
+def check_resume_data(ckpt, now, cfg, path):
+    """A run resumes on the rows it trained on: its saved epoch plan indexes train.csv's rows."""
+    saved = ckpt.get("data")
+    if saved is None and ckpt["plan"] is not None:  # a checkpoint from before the digests: its plan's length
+        saved = {"train": [len(ckpt["plan"]["order"]), None]}
+    for split, (rows, digest) in (saved or {}).items():
+        same = now[split][1] == digest if digest else now[split][0] == rows
+        if not same:
+            raise UserError(f"cannot resume {path}: {os.path.join(cfg['data_dir'], split + '.csv')} has changed since "
+                            f"the run started ({now[split][0]} rows, it had {rows}): restore it, or start a new run")
 
 
 # ==============================================================================================
@@ -596,7 +613,9 @@ def train(cfg, given, resume):
     amp = amp_dtype(cfg, device)
     gen = seed_everything(cfg["seed"], cfg["deterministic"])
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
-    check_data(cfg)
+    data_rows = check_data(cfg)
+    if ckpt is not None:
+        check_resume_data(ckpt, data_rows, cfg, path)
 
     # Decoded (and so checked) before any run folder exists: a bad image costs seconds, not a run. The test
     # split too, though it is predicted only at the end: into the decode cache, where the end finds it.
@@ -687,7 +706,7 @@ def train(cfg, given, resume):
                     scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                     ema_state_dict=ema.module.state_dict() if ema is not None else None,
                     ema_n=int(ema.n_averaged) if ema is not None else 0,
-                    rng=checkpoint.rng_state(gen), plan=plan, partial=partial.cpu(), recall=recall)
+                    rng=checkpoint.rng_state(gen), plan=plan, partial=partial.cpu(), recall=recall, data=data_rows)
 
     last = os.path.join(run_dir, "last.pth")
 

@@ -166,6 +166,31 @@ def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_cosine(tiny_da
     assert torch.load(last, weights_only=True)["optimizer"]["param_groups"][0]["lr"] < 1e-12  # and it ends at zero
 
 
+def test_resume_refuses_data_that_changed_under_the_run(copy_data, tmp_path, run_main):
+    assert run_main(base_args(copy_data, tmp_path, "--epochs", "1"))[0] == 0
+    last = tmp_path / "runs" / "r" / "last.pth"
+    before = last.read_bytes()
+    train_csv, val_csv = Path(copy_data, "train.csv"), Path(copy_data, "validation.csv")
+    train_rows, val_rows = train_csv.read_text(), val_csv.read_text()
+    train_csv.write_text("".join(train_rows.splitlines(keepends=True)[:-5]))  # 5 rows fewer
+    resume = ["--resume", last, "--epochs", "2"]
+    rc, _, err = run_main(resume)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: cannot resume {last}: {train_csv} has changed since the run started (55 rows, it had 60): "
+        f"restore it, or start a new run"]
+    ck = torch.load(last, weights_only=True)
+    del ck["data"]  # a checkpoint from before the digests: its saved plan still tells the rows apart
+    checkpoint.save(ck, str(last))
+    assert "(55 rows, it had 60)" in run_main(resume)[2]
+    train_csv.write_text(train_rows)
+    assert run_main(resume)[0] == 0  # the same rows again: it resumes
+    image_id, label = val_rows.splitlines()[1].split(",")
+    val_csv.write_text(val_rows.replace(f"{image_id},{label}\n", f"{image_id},{(int(label) + 1) % 5}\n"))  # relabelled
+    rc, _, err = run_main(["--resume", last, "--epochs", "3"])
+    assert rc == 2 and "validation.csv has changed" in err
+    assert before != last.read_bytes() and torch.load(last, weights_only=True)["epoch"] == 2
+
+
 def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monkeypatch):
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--amp", "off", "--lr", "2e-4"))[0] == 0
     last = tmp_path / "runs" / "r" / "last.pth"
