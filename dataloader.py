@@ -142,6 +142,8 @@ class TensorBatches(_Batches):
         return plan
 
     def batches(self, plan, gen=None, start=0):
+        if self.train and "flips" not in plan:  # the per-image loader's plan: a run resumed with another --loader
+            plan = {**plan, **dict(zip(("flips", "angles"), draw_augment_params(self.n, gen)))}
         # One copy of the plan to the device per epoch: no host-to-device copy (and so no wait) per step.
         on_device = {k: v.to(self.device) for k, v in plan.items()}
         for epoch_part, mine in self._batch_slices(start):

@@ -97,6 +97,17 @@ def test_tensor_and_image_loaders_give_the_same_eval_batches(tiny_data, tmp_path
         assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
+def test_tensor_loader_takes_up_the_image_loaders_plan(tiny_data, tmp_path):
+    """A run stopped mid-epoch on --loader images may resume on --loader tensors: its plan has no flips yet."""
+    kw = dict(device="cpu", cache_dir=str(tmp_path), workers=0)
+    images = dataloader.make_batches(tiny_data, "train", 8, True, loader="images", **kw)
+    tensors = dataloader.make_batches(tiny_data, "train", 8, True, loader="tensors", **kw)
+    plan = images.plan(torch.Generator().manual_seed(0))
+    assert list(plan) == ["order"]
+    got = list(tensors.batches(plan, torch.Generator().manual_seed(1), start=2))
+    assert len(got) == len(tensors) - 2 and torch.equal(got[0][2], plan["order"][16:24])
+
+
 def test_memory_budget_falls_back_to_the_image_loader(tiny_data, tmp_path):
     b = dataloader.make_batches(tiny_data, "train", 8, True, "cpu", cache_dir=str(tmp_path), workers=0,
                                 max_memory_gb=1e-6, log=lambda *a: None)
