@@ -983,7 +983,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        print("interrupted; the checkpoints already written are intact", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
