@@ -601,10 +601,10 @@ def train(cfg, given, resume):
             limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
                                              ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
             if limits:
-                log(f"{path}: this run already finished (epoch {ckpt['epoch']} of {cfg['epochs']}, {ckpt['bad_epochs']} "
-                    f"without gain of {cfg['early_stop']} allowed; best val acc {100 * ckpt['best_acc']:.2f}% at epoch "
-                    f"{ckpt['best_epoch']}); nothing to do. To train it further, resume with a larger "
-                    f"{' and '.join(limits)}")
+                log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
+                    f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
+                    f"{100 * ckpt['best_acc']:.2f}% at epoch {ckpt['best_epoch']}); nothing to do. To train it "
+                    f"further, resume with a larger {' and '.join(limits)}")
                 return 0
             log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
                 f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
