@@ -88,14 +88,13 @@ def test_compare_lists_finished_runs(run, run_main):
     assert rc == 0 and "r " in out
 
 
-def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path):
+def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_main):
     """DDP with gloo on the CPU: each process trains on half of every batch, gradients are averaged, so
     the run follows the single-process one; BatchNorm sees half batches and dropout draws differ, so
     the match is approximate: train loss within 15% and the same epoch count."""
     args = [str(a) for a in base_args(tiny_data, tmp_path, "--epochs", "2", "--amp", "off", "--device", "cpu")]
-    one = subprocess.run([sys.executable, "main.py", *args, "--run-name", "one"], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert one.returncode == 0, one.stderr
+    rc, _, err = run_main([*args, "--run-name", "one"])
+    assert rc == 0, err
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "main.py", *args, "--run-name", "two"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
