@@ -830,9 +830,18 @@ def finish_run(cfg, run_dir, device, amp):
     """After training: judge the best checkpoint, report, predict test, keep the best where users find it."""
     best = os.path.join(run_dir, "best.pth")
     evaluate_checkpoints(cfg, [best], run_dir, device, amp, title=f"{cfg['model']}: best checkpoint of {run_dir}")
-    report.plot_curves(os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
     predict_checkpoints(cfg, [best], os.path.join(run_dir, "submission.csv"), device, amp)
     promote(best, cfg)
+    draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
+
+
+def draw(plot, *args):
+    """Pictures are extras: one that cannot be drawn (a broken matplotlib, say) is a note, not a lost submission.
+    The last argument is the picture's path."""
+    try:
+        plot(*args)
+    except Exception as e:
+        log(f"note: could not draw {args[-1]} ({type(e).__name__}: {e})")
 
 
 def promote(best, cfg):
@@ -879,7 +888,7 @@ def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_mode
     text = report.report_text(rep, y, pred, title or ", ".join(paths))
     log(text)
     report.save_report(rep, text, out_dir)
-    report.plot_confusion(rep, os.path.join(out_dir, "confusion.png"))
+    draw(report.plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
     log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
     return rep, probs, pos, va
 

@@ -110,3 +110,19 @@ def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_mai
     assert rep["n"] == 20  # the final report covers the whole validation set
     sub = (tmp_path / "runs" / "two" / "submission.csv").read_text().splitlines()
     assert len(sub) == 11
+
+
+def test_a_picture_that_cannot_be_drawn_costs_no_submission(tiny_data, tmp_path, run_main, monkeypatch):
+    import report
+
+    def broken(*args):
+        raise RuntimeError("no usable backend")
+    monkeypatch.setattr(report, "plot_confusion", broken)
+    monkeypatch.setattr(report, "plot_curves", broken)
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
+    run = tmp_path / "runs" / "r"
+    assert rc == 0, err
+    assert f"note: could not draw {run / 'confusion.png'} (RuntimeError: no usable backend)" in out
+    assert f"note: could not draw {run / 'curves.png'}" in out
+    assert (run / "submission.csv").exists() and (run / "report.txt").exists()
+    assert (tmp_path / "ckpt" / "three_best.pth").exists()
