@@ -200,6 +200,19 @@ def setup_distributed(cfg):
     return device
 
 
+def first_on_each_machine(work):
+    """Under torchrun, the first process on each machine does `work` (decoding the splits, into the decode
+    cache) while the others wait, then they do it, from the cache: not N processes decoding the same images
+    at once on a first run. If the first one fails, torchrun stops the waiting ones."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if WORLD > 1 and not first:
+        dist.barrier()
+    out = work()
+    if WORLD > 1 and first:
+        dist.barrier()
+    return out
+
+
 def cpu_has_bf16():
     try:
         flags = open("/proc/cpuinfo").read()
@@ -619,8 +632,10 @@ def train(cfg, given, resume):
 
     # Decoded (and so checked) before any run folder exists: a bad image costs seconds, not a run. The test
     # split too, though it is predicted only at the end: into the decode cache, where the end finds it.
-    loaders = loaders_for(cfg, device, ["train", "validation"], train_split="train")
-    dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
+    def load():
+        dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
+        return loaders_for(cfg, device, ["train", "validation"], train_split="train")
+    loaders = first_on_each_machine(load)
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "

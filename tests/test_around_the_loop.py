@@ -126,3 +126,14 @@ def test_a_picture_that_cannot_be_drawn_costs_no_submission(tiny_data, tmp_path,
     assert f"note: could not draw {run / 'curves.png'}" in out
     assert (run / "submission.csv").exists() and (run / "report.txt").exists()
     assert (tmp_path / "ckpt" / "three_best.pth").exists()
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torchrun_the_first_process_of_a_machine_decodes_while_the_others_wait(local_rank, monkeypatch):
+    """The others then read its decode cache (the two-process run above goes through this for real)."""
+    events = []
+    monkeypatch.setattr(main, "WORLD", 2)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(main.dist, "barrier", lambda: events.append("barrier"))
+    assert main.first_on_each_machine(lambda: events.append("decode") or "loaders") == "loaders"
+    assert events == (["decode", "barrier"] if local_rank == "0" else ["barrier", "decode"])
