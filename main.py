@@ -860,10 +860,26 @@ def draw(plot, *args):
 
 
 def promote(best, cfg):
-    """Copy a run's best to CKPT_DIR/<model>_best.pth; an earlier one there is moved aside, never destroyed."""
+    """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look. An earlier
+    one that scored higher on the same validation rows stays (a 2-epoch try must not displace a 10-hour run);
+    any other earlier one is moved aside, never destroyed."""
     dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
     if os.path.exists(dest):
-        aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{datetime.datetime.now():%Y%m%d-%H%M%S}.pth")
+        new = torch.load(best, map_location="cpu", weights_only=True)
+        try:
+            old = torch.load(dest, map_location="cpu", weights_only=True)
+            same_rows = (old.get("data") or {}).get("validation") == new["data"]["validation"]
+        except Exception:  # unreadable: moved aside below, as any other
+            same_rows = False
+        if same_rows and old["best_acc"] > new["best_acc"]:
+            log(f"kept {dest}: {100 * old['best_acc']:.2f}% on these validation images, more than this run's "
+                f"{100 * new['best_acc']:.2f}% (its best stays in {best})")
+            return
+        stamp, k = f"{datetime.datetime.now():%Y%m%d-%H%M%S}", 1
+        aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}.pth")
+        while os.path.exists(aside):  # two runs finishing within a second
+            k += 1
+            aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}-{k}.pth")
         os.replace(dest, aside)
         log(f"kept the previous {dest} as {aside}")
     with open(best, "rb") as f:

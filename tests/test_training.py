@@ -1,7 +1,9 @@
 """The training flow end to end on tiny generated data: loss, files, checkpoints, schedule, commands."""
 import csv
+import datetime
 import json
 import os
+import types
 
 import pandas as pd
 import pytest
@@ -81,14 +83,31 @@ def test_evaluate_and_predict_from_a_checkpoint(trained, tiny_data, run_main):
     assert rc == 0 and sub.read_text() == (run / "submission.csv").read_text()
 
 
-def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main):
+def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main, monkeypatch):
     tmp, run = trained
-    before = (tmp / "ckpt" / "three_best.pth").read_bytes()
+    dest = tmp / "ckpt" / "three_best.pth"
+    aside = lambda: sorted(p for p in (tmp / "ckpt").iterdir() if p.name.startswith("three_best.") and p != dest)
+    ck = torch.load(dest, weights_only=True)
+    ck["best_acc"] = 1.0  # the earlier best scored higher on the same validation rows: it stays
+    checkpoint.save(ck, str(dest))
+    before = dest.read_bytes()
     rc, out, _ = run_main(base_args(tiny_data, tmp, "--epochs", "1"))
-    assert rc == 0
-    assert (tmp / "runs" / "r-2").is_dir()  # the same --run-name got a new folder
-    kept = [p for p in (tmp / "ckpt").iterdir() if p.name.startswith("three_best.") and p.name != "three_best.pth"]
-    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert rc == 0 and f"kept {dest}: 100.00% on these validation images" in out
+    assert (tmp / "runs" / "r-2").is_dir() and (tmp / "runs" / "r-2" / "best.pth").is_file()  # a new folder
+    assert dest.read_bytes() == before and aside() == []
+    # a lower earlier best is moved aside; two within one second get two names, neither overwritten
+    monkeypatch.setattr(main, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
+        now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
+    cfg = {"ckpt_dir": str(tmp / "ckpt"), "model": "three"}
+    versions = []
+    for k in range(2):
+        ck["best_acc"], ck["marker"] = 0.0, k
+        checkpoint.save(ck, str(dest))
+        versions.append(dest.read_bytes())
+        main.promote(str(tmp / "runs" / "r-2" / "best.pth"), cfg)
+    assert [p.name for p in aside()] == ["three_best.20260102-030405-2.pth", "three_best.20260102-030405.pth"]
+    assert sorted(p.read_bytes() for p in aside()) == sorted(versions)
+    assert dest.read_bytes() == (tmp / "runs" / "r-2" / "best.pth").read_bytes()
     assert (run / "best.pth").is_file()
 
 
