@@ -553,7 +553,14 @@ def find_resume(cfg, path):
             raise UserError(f"--resume: no run of '{cfg['model']}' with a last.pth under {cfg['out_dir']}/: "
                             f"pass the run folder or its last.pth")
         return runs[-1]
-    return os.path.join(path, "last.pth") if os.path.isdir(path) else path
+    if not os.path.isdir(path):
+        return path
+    last = os.path.join(path, "last.pth")
+    inside = sorted(glob.glob(os.path.join(glob.escape(path), "*", "last.pth")), key=os.path.getmtime)
+    if not os.path.exists(last) and inside:  # the runs folder itself, say
+        raise UserError(f"--resume {path}: not a run folder (no last.pth); the latest run in it is "
+                        f"{os.path.dirname(inside[-1])}: pass that one")
+    return last
 
 
 # Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.

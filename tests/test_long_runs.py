@@ -228,6 +228,14 @@ def test_a_run_with_relative_paths_resumes_from_another_working_directory(tiny_d
     assert run_main(["--resume", str(last), "--quiet", "--data-dir", os.path.basename(tiny_data)])[0] == 0
 
 
+def test_resume_of_a_folder_of_runs_names_the_latest_run_in_it(tiny_data, tmp_path, run_main):
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    rc, _, err = run_main(["--resume", tmp_path / "runs"])
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: --resume {tmp_path / 'runs'}: not a run folder (no last.pth); the latest run in it is "
+        f"{tmp_path / 'runs' / 'r'}: pass that one"]
+
+
 def test_resume_refuses_a_checkpoint_without_training_state(tmp_path, run_main):
     path = tmp_path / "weights.pth"
     checkpoint.save({"model": "three", "state_dict": models.ThreeCNN().state_dict(), "config": {}}, str(path))
