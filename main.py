@@ -616,10 +616,18 @@ def train(cfg, given, resume):
                             f"(or its folder)")
         check_resume_config(ckpt["config"], given, path)
         cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+        run_dir = os.path.dirname(os.path.abspath(path))
         if ckpt["finished"]:
             # A finished run goes on only where a larger --epochs or --early-stop lets it.
             limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
                                              ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
+            if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
+                # Stopped between its last epoch and its submission (Ctrl-C, a full disk): finish that part.
+                log(f"{path}: the run finished training but not its report and submission: writing them")
+                device = setup_distributed(cfg)
+                if RANK == 0:
+                    finish_run(cfg, run_dir, device, amp_dtype(cfg, device))
+                return 0
             if limits:
                 log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
                     f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
@@ -628,7 +636,6 @@ def train(cfg, given, resume):
                 return 0
             log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
                 f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
-        run_dir = os.path.dirname(os.path.abspath(path))
     device = setup_distributed(cfg)  # after a resume has restored the run's own settings
     amp = amp_dtype(cfg, device)
     gen = seed_everything(cfg["seed"], cfg["deterministic"])

@@ -146,6 +146,20 @@ def test_a_finished_run_goes_on_with_a_larger_epochs_as_if_it_had_been_one_run(t
     assert [r["val_acc"] for r in logs[0]] == [r["val_acc"] for r in logs[1]] and len(logs[1]) == 3
 
 
+def test_a_run_stopped_before_its_submission_writes_it_when_resumed(tiny_data, tmp_path, run_main, monkeypatch):
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "predict_checkpoints", ctrl_c)  # Ctrl-C after the last epoch, before the submission
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 130
+    run = tmp_path / "runs" / "r"
+    assert torch.load(run / "last.pth", weights_only=True)["finished"] and not (run / "submission.csv").exists()
+    monkeypatch.undo()
+    rc, out, err = run_main(["--resume", run])
+    assert rc == 0 and "writing them" in out, err
+    assert len((run / "submission.csv").read_text().splitlines()) == 11 and (tmp_path / "ckpt" / "three_best.pth").exists()
+    assert "nothing to do" in run_main(["--resume", run])[1]
+
+
 def test_a_run_stopped_early_goes_on_with_a_larger_early_stop(tiny_data, tmp_path, run_main):
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "2", "--early-stop", "1", "--lr", "1e-9"))[0] == 0
     last = tmp_path / "runs" / "r" / "last.pth"
