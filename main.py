@@ -598,12 +598,19 @@ def check_output(cfg, run_dir, model):
 
 
 def new_run_dir(cfg):
+    """A new folder for the run, never an earlier run's. Made here, at once (mkdir either makes it or finds it
+    there), so runs started in the same second, as a seed sweep starts them, get one folder each."""
     name = cfg["run_name"] or f"{cfg['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     path, k = os.path.join(cfg["out_dir"], name), 1
-    while os.path.exists(path):  # never reuse (and overwrite) an earlier run's folder
-        k += 1
-        path = os.path.join(cfg["out_dir"], f"{name}-{k}")
-    return path
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            k += 1
+            path = os.path.join(cfg["out_dir"], f"{name}-{k}")
+        except OSError as e:
+            raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
 
 
 def train(cfg, given, resume):
