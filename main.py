@@ -898,11 +898,18 @@ def promote(best, cfg):
             return
         stamp, k = f"{datetime.datetime.now():%Y%m%d-%H%M%S}", 1
         aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}.pth")
-        while os.path.exists(aside):  # two runs finishing within a second
-            k += 1
-            aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}-{k}.pth")
-        os.replace(dest, aside)
-        log(f"kept the previous {dest} as {aside}")
+        while True:  # claim a free name ('x' fails on a taken one): two runs may finish within a second
+            try:
+                open(aside, "x").close()
+                break
+            except FileExistsError:
+                k += 1
+                aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}-{k}.pth")
+        try:
+            os.replace(dest, aside)
+            log(f"kept the previous {dest} as {aside}")
+        except FileNotFoundError:  # another run finishing at this instant moved it first
+            os.remove(aside)
     with open(best, "rb") as f:
         checkpoint.atomic_write_bytes(dest, f.read())
     log(f"best checkpoint: {dest}")

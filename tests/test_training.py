@@ -111,6 +111,25 @@ def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main,
     assert (run / "best.pth").is_file()
 
 
+def test_promote_goes_on_when_another_run_moved_the_earlier_best_first(trained, tmp_path, monkeypatch):
+    tmp, run = trained
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    dest = ckpt_dir / "three_best.pth"
+    dest.write_bytes((run / "best.pth").read_bytes())
+    real = os.replace
+
+    def raced(src, dst):  # the other run's replace lands between our check and ours
+        if str(src) == str(dest):
+            real(src, str(ckpt_dir / "theirs.pth"))
+            raise FileNotFoundError(src)
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", raced)
+    main.promote(str(run / "best.pth"), {"ckpt_dir": str(ckpt_dir), "model": "three"})
+    assert dest.read_bytes() == (run / "best.pth").read_bytes()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["theirs.pth", "three_best.pth"]  # no empty claim left
+
+
 def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_path, run_main, monkeypatch):
     accs = iter([0.5, 0.6] + [0.6] * 20)  # improves twice, then never again
     monkeypatch.setattr(main, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
