@@ -613,36 +613,47 @@ def new_run_dir(cfg):
             raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
 
 
+def open_resume(cfg, given, resume):
+    """The checkpoint to resume, the run's own settings, and what is left to do: 'train', 'finish' (training
+    ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between) or
+    'nothing'. A finished run trains again where a larger --epochs or --early-stop gives it room."""
+    path = find_resume(cfg, resume)
+    ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
+    if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
+        raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth (or its folder)")
+    check_resume_config(ckpt["config"], given, path)
+    cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    run_dir = os.path.dirname(os.path.abspath(path))
+    todo = "train"
+    if ckpt["finished"]:
+        limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
+                                         ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
+        if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
+            log(f"{path}: the run finished training but not its report and submission: writing them")
+            todo = "finish"
+        elif limits:
+            log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
+                f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
+                f"{100 * ckpt['best_acc']:.2f}% at epoch {ckpt['best_epoch']}); nothing to do. To train it "
+                f"further, resume with a larger {' and '.join(limits)}")
+            todo = "nothing"
+        else:
+            log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
+                f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
+    return ckpt, cfg, path, run_dir, todo
+
+
 def train(cfg, given, resume):
     ckpt = None
     if resume:
-        path = find_resume(cfg, resume)
-        ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
-        if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
-            raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth "
-                            f"(or its folder)")
-        check_resume_config(ckpt["config"], given, path)
-        cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
-        run_dir = os.path.dirname(os.path.abspath(path))
-        if ckpt["finished"]:
-            # A finished run goes on only where a larger --epochs or --early-stop lets it.
-            limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
-                                             ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
-            if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
-                # Stopped between its last epoch and its submission (Ctrl-C, a full disk): finish that part.
-                log(f"{path}: the run finished training but not its report and submission: writing them")
-                device = setup_distributed(cfg)
-                if RANK == 0:
-                    finish_run(cfg, run_dir, device, amp_dtype(cfg, device))
-                return 0
-            if limits:
-                log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
-                    f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
-                    f"{100 * ckpt['best_acc']:.2f}% at epoch {ckpt['best_epoch']}); nothing to do. To train it "
-                    f"further, resume with a larger {' and '.join(limits)}")
-                return 0
-            log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
-                f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
+        ckpt, cfg, path, run_dir, todo = open_resume(cfg, given, resume)
+        if todo == "nothing":
+            return 0
+        if todo == "finish":
+            device = setup_distributed(cfg)
+            if RANK == 0:
+                finish_run(cfg, run_dir, device, amp_dtype(cfg, device))
+            return 0
     device = setup_distributed(cfg)  # after a resume has restored the run's own settings
     amp = amp_dtype(cfg, device)
     gen = seed_everything(cfg["seed"], cfg["deterministic"])
