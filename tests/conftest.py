@@ -36,6 +36,15 @@ def base_args(data, tmp_path, *extra):
 
 
 @pytest.fixture
+def fixed_clock(monkeypatch):
+    """main.py's clock stopped at 2026-01-02 03:04:05: things made within one second."""
+    import datetime
+    import types
+    monkeypatch.setattr(main, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
+        now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
+
+
+@pytest.fixture
 def run_main(capsys):
     """Run main.main(argv) in this process; returns (exit code, stdout, stderr)."""
     def run(argv):

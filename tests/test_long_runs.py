@@ -1,12 +1,10 @@
 """Runs that survive: resume, determinism, atomic writes, safe loading, interrupts, NaN, resources."""
 import csv
-import datetime
 import os
 import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -495,9 +493,7 @@ def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_da
     assert all(g["fused"] is True for g in torch.load(last, weights_only=True)["optimizer"]["param_groups"])
 
 
-def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
-        now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
+def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path, fixed_clock):
     cfg = {"run_name": None, "model": "three", "out_dir": str(tmp_path / "runs")}
     folders = [main.new_run_dir(cfg) for _ in range(3)]  # a seed sweep started with '&': none has saved yet
     assert [os.path.basename(f) for f in folders] == ["three-20260102-030405", "three-20260102-030405-2",

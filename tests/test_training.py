@@ -1,9 +1,7 @@
 """The training flow end to end on tiny generated data: loss, files, checkpoints, schedule, commands."""
 import csv
-import datetime
 import json
 import os
-import types
 
 import pandas as pd
 import pytest
@@ -83,7 +81,7 @@ def test_evaluate_and_predict_from_a_checkpoint(trained, tiny_data, run_main):
     assert rc == 0 and sub.read_text() == (run / "submission.csv").read_text()
 
 
-def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main, monkeypatch):
+def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main, fixed_clock):
     tmp, run = trained
     dest = tmp / "ckpt" / "three_best.pth"
     aside = lambda: sorted(p for p in (tmp / "ckpt").iterdir() if p.name.startswith("three_best.") and p != dest)
@@ -95,9 +93,7 @@ def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main,
     assert rc == 0 and f"kept {dest}: 100.00% on these validation images" in out
     assert (tmp / "runs" / "r-2").is_dir() and (tmp / "runs" / "r-2" / "best.pth").is_file()  # a new folder
     assert dest.read_bytes() == before and aside() == []
-    # a lower earlier best is moved aside; two within one second get two names, neither overwritten
-    monkeypatch.setattr(main, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
-        now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
+    # a lower earlier best is moved aside; two within one second (fixed_clock) get two names, neither overwritten
     cfg = {"ckpt_dir": str(tmp / "ckpt"), "model": "three"}
     versions = []
     for k in range(2):
