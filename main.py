@@ -384,12 +384,13 @@ def check_data(cfg):
     Returns what a resumed run must find again: {split: [rows, digest of its rows]} for train and validation."""
     if not os.path.isdir(cfg["data_dir"]) and os.path.abspath(cfg["data_dir"]) == os.path.abspath(DEMO_DIR):
         demo_data.ensure(DEMO_DIR)
-    seen = {}
+    rows = {}
     for split in dataset.SPLITS:
         df = dataset.read_split_csv(cfg["data_dir"], split)
         dataset.find_images(cfg["data_dir"], split, df["image_id"].tolist())
-        seen[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
-    return {split: seen[split] for split in ("train", "validation")}
+        if split != "test":
+            rows[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
+    return rows
 
 
 def check_resume_data(ckpt, now, cfg, path):
@@ -597,20 +598,27 @@ def check_output(cfg, run_dir, model):
                             f"free some space or pass another --out-dir / --ckpt-dir")
 
 
-def new_run_dir(cfg):
-    """A new folder for the run, never an earlier run's. Made here, at once (mkdir either makes it or finds it
-    there), so runs started in the same second, as a seed sweep starts them, get one folder each."""
-    name = cfg["run_name"] or f"{cfg['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    path, k = os.path.join(cfg["out_dir"], name), 1
+def claim_new_path(base, ext, make):
+    """The first of BASE.EXT, BASE-2.EXT, BASE-3.EXT ... that `make` creates. make (os.makedirs, or open with
+    'x') fails on a taken name, so two processes never get the same one, even within one second."""
+    k = 1
     while True:
+        path = f"{base}{f'-{k}' if k > 1 else ''}{ext}"
         try:
-            os.makedirs(path)
+            make(path)
             return path
         except FileExistsError:
             k += 1
-            path = os.path.join(cfg["out_dir"], f"{name}-{k}")
-        except OSError as e:
-            raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
+
+
+def new_run_dir(cfg):
+    """A new folder for the run, never an earlier run's; runs started in the same second, as a seed sweep
+    starts them, get one folder each."""
+    name = cfg["run_name"] or f"{cfg['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        return claim_new_path(os.path.join(cfg["out_dir"], name), "", os.makedirs)
+    except OSError as e:
+        raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
 
 
 def open_resume(cfg, given, resume):
@@ -907,15 +915,9 @@ def promote(best, cfg):
             log(f"kept {dest}: {100 * old['best_acc']:.2f}% on these validation images, more than this run's "
                 f"{100 * new['best_acc']:.2f}% (its best stays in {best})")
             return
-        stamp, k = f"{datetime.datetime.now():%Y%m%d-%H%M%S}", 1
-        aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}.pth")
-        while True:  # claim a free name ('x' fails on a taken one): two runs may finish within a second
-            try:
-                open(aside, "x").close()
-                break
-            except FileExistsError:
-                k += 1
-                aside = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}-{k}.pth")
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside = claim_new_path(os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}"), ".pth",
+                               lambda p: open(p, "x").close())
         try:
             os.replace(dest, aside)
             log(f"kept the previous {dest} as {aside}")
