@@ -174,7 +174,8 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
 
 
 def memory_table(names):
-    rows = [estimate_memory(name, preset) for preset in main.PRESETS for name in names]
+    rows = [estimate_memory(name, preset) for preset in main.PRESETS for name in names
+            if name in main.PRESET_MODELS.get(preset, names)]
     print(f"\nGPU memory, fp16, counted without a GPU (tensors only; 4 GB card = up to {FITS_MIB} MiB of tensors):")
     for r in rows:
         print(f"  --preset {r['preset']:<6} {r['model']:<9} train batch {r['batch']:>3}: {r['train_peak_mib']:6.0f} MiB"

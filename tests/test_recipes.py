@@ -106,5 +106,13 @@ def test_presets_keep_the_report_recipe_and_add_best(tiny_data, tmp_path, run_ma
     best, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "best", "--epochs", "7"]))
     assert best["scheduler"] == "cosine" and best["tta"] and best["ema"] > 0 and best["epochs"] == 7
     assert best["batch_size"] == 16  # the table still supplies what the preset leaves alone
+    fast, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "fast"]))
+    assert {k: fast[k] for k in ("batch_size", "lr", "early_stop", "plateau_patience")} == \
+        dict(batch_size=256, lr=2e-3, early_stop=45, plateau_patience=45)
+    assert {k: v for k, v in fast.items() if v != report_cfg[k]}.keys() == {"preset", "batch_size", "lr", "early_stop",
+                                                                              "plateau_patience"}
+    for model in ("skip", "ensemble"):  # no run has shown they keep their accuracy at a larger batch
+        rc, out, err = run_main(base_args(tiny_data, tmp_path, "--model", model, "--preset", "fast"))
+        assert rc == 2 and err.count("\n") == 1 and "--preset report" in err and not (tmp_path / "runs").exists()
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--preset", "best", "--epochs", "2"))
     assert rc == 0, err
