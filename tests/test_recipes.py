@@ -114,5 +114,8 @@ def test_presets_keep_the_report_recipe_and_add_best(tiny_data, tmp_path, run_ma
     for model in ("skip", "ensemble"):  # no run has shown they keep their accuracy at a larger batch
         rc, out, err = run_main(base_args(tiny_data, tmp_path, "--model", model, "--preset", "fast"))
         assert rc == 2 and err.count("\n") == 1 and "--preset report" in err and not (tmp_path / "runs").exists()
+    rc, out, err = run_main(base_args(tiny_data, tmp_path / "fast", "--preset", "fast", "--batch-size", "8",
+                                      "--epochs", "1", "--device", "cpu"))
+    assert rc == 0 and "--preset fast pays on a GPU" in out, err  # batch 256 was slower per image on the CPU
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--preset", "best", "--epochs", "2"))
     assert rc == 0, err
