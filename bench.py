@@ -5,6 +5,7 @@
     python bench.py --quick              a short check (< 60 s on 2 CPU cores: ThreeCNN; on a GPU also SkipConCNN)
     python bench.py --json out.json      also write the figures as JSON
     python bench.py --memory             only the GPU memory each preset and model needs (seconds, no GPU)
+    python bench.py --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
           fp32, NCHW, PyTorch's default Adam, the report's batch size (as the report's code does).
@@ -200,6 +201,8 @@ def main_bench(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--memory", action="store_true", help="only the GPU memory table (seconds, no GPU needed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model as main.py --compile "
+                   "does (on one GPU with CUDA graphs); the first steps, which compile, are not timed")
     a = p.parse_args(argv)
     all_models = (a.models or "three,skip,ensemble").split(",")
     if a.memory:
@@ -216,8 +219,8 @@ def main_bench(argv=None):
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                   and k in torch.cuda.get_device_name(device)), None)
     dev_name = main.device_name(device)
-    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}; "
-          f"{rounds} alternating rounds, median shown")
+    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}"
+          f"{', compiled' if a.compile else ''}; {rounds} alternating rounds, median shown")
 
     def loaders(batch, train, kind):
         return dataloader.make_batches(a.data_dir, "train", batch, train, device, loader=kind, cache_dir=a.cache_dir,
@@ -242,7 +245,9 @@ def main_bench(argv=None):
                     torch.cuda.reset_peak_memory_stats(device)
                 # The fast input pipeline takes ~1 ms a batch: 5x the steps, so its figure is not one of 30 ms.
                 steps = steps_for(name, stage) * (5 if stage == "input" and variant == "fast" else 1)
-                res[variant].append(timed(make(), steps, 1 if stage != "input" else 2, device))
+                # Warm-up: worker start-up and cuDNN's autotuning; compiling, and CUDA graphs' recording, take 3.
+                warmup = 2 if stage == "input" else 3 if a.compile and variant == "fast" else 1
+                res[variant].append(timed(make(), steps, warmup, device))
                 if device.type == "cuda":
                     mem[variant] = torch.cuda.max_memory_allocated(device) / 2**20
         row = {"stage": stage, "model": name, "baseline_img_s": statistics.median(res["baseline"]),
@@ -265,6 +270,8 @@ def main_bench(argv=None):
         batch = a.batch_size or main.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
         fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
+        fast_run = (torch.compile(fast_model, mode="reduce-overhead" if device.type == "cuda" else None)
+                    if a.compile else fast_model)  # FLOPs are counted on fast_model: the same arithmetic
         slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
 
         def flops_extra(train):
@@ -277,17 +284,17 @@ def main_bench(argv=None):
                 return out
             return extra
         measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
-                lambda: train_steps(fast_model, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
+                lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
         eval_batch = a.batch_size or main.eval_batch_size({**main.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
         measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
-                lambda: infer_steps(fast_model, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))
+                lambda: infer_steps(fast_run, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))
 
     memory = memory_table(all_models)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev_name, "data_dir": a.data_dir, "quick": a.quick, "rounds": rounds,
-                       "fast_precision": str(amp), "peak_tflops": peak, "rows": rows, "memory": memory}, f, indent=2)
+                       "fast_precision": str(amp), "compiled": a.compile, "peak_tflops": peak, "rows": rows, "memory": memory}, f, indent=2)
         print(f"wrote {a.json}")
     return rows
 

@@ -25,6 +25,29 @@ def test_bench_batch_size_sets_both_paths(tiny_data, tmp_path):
     assert [(r["baseline_batch"], r["fast_batch"]) for r in rows[1:]] == [(4, 4), (4, 4)]
 
 
+def test_bench_compile_times_the_compiled_model(tiny_data, tmp_path, monkeypatch):
+    class Counting(torch.nn.Module):  # stands in for the compiled model: compiling takes 20 s on a CPU
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.model(x)
+    compiled = []
+
+    def fake_compile(model, **kw):
+        compiled.append((Counting(model), kw))
+        return compiled[-1][0]
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "b.json"
+    bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--compile", "--json", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
+    assert [kw for _, kw in compiled] == [{"mode": None}]  # no CUDA graphs on a CPU
+    assert compiled[0][0].calls == 2 * (3 + 8)  # train and infer: 3 warm-up steps (compiling) + 8 timed, each
+    assert json.load(open(out))["compiled"] is True
+
+
 def test_peak_memory_counts_storages_alive_at_once():
     with bench.PeakMemory() as mem:
         keep = torch.empty(1000)           # 4,000 bytes, kept
