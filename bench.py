@@ -294,7 +294,8 @@ def main_bench(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev_name, "data_dir": a.data_dir, "quick": a.quick, "rounds": rounds,
-                       "fast_precision": str(amp), "compiled": a.compile, "peak_tflops": peak, "rows": rows, "memory": memory}, f, indent=2)
+                       "fast_precision": str(amp), "compiled": a.compile, "peak_tflops": peak, "rows": rows,
+                       "memory": memory}, f, indent=2)
         print(f"wrote {a.json}")
     return rows
 

@@ -99,7 +99,7 @@ def test_soft_vote_of_checkpoints(ema_run, tiny_data, run_main):
     assert rc == 2 and "--ensemble-of" in err
 
 
-def test_presets_keep_the_report_recipe_and_add_best(tiny_data, tmp_path, run_main):
+def test_presets_keep_the_report_recipe_and_add_best_and_fast(tiny_data, tmp_path, run_main):
     report_cfg, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "report"]))
     plain_cfg, _ = main.resolve_config(main.parse_args(["--model", "three"]))
     assert report_cfg == plain_cfg and report_cfg["scheduler"] == "plateau" and report_cfg["ema"] == 0
