@@ -270,8 +270,7 @@ def main_bench(argv=None):
         batch = a.batch_size or main.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
         fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
-        fast_run = (torch.compile(fast_model, mode="reduce-overhead" if device.type == "cuda" else None)
-                    if a.compile else fast_model)  # FLOPs are counted on fast_model: the same arithmetic
+        fast_run = main.compile_model(fast_model, device) if a.compile else fast_model  # FLOPs: on fast_model
         slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
 
         def flops_extra(train):

@@ -423,6 +423,14 @@ def check_resume_data(ckpt, now, cfg, path):
 # ==============================================================================================
 # One epoch: train, evaluate
 
+def compile_model(model, device):
+    """torch.compile, as --compile does. On one GPU, "reduce-overhead" also replays the steps as CUDA graphs: at the
+    report's small batches a step waits on launching its kernels, not on computing them (H200, ThreeCNN on the real
+    data: epochs of 2.1-2.4 s against 3.0-4.0 s eager; the first one compiles, 14 s). Not under DDP (its gradient
+    hooks run outside the graphs) nor on a CPU (no CUDA graphs there)."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" and WORLD == 1 else None)
+
+
 class Stop:
     """SIGINT/SIGTERM: finish the current step, save, exit. A second signal exits at once."""
     signal = None
@@ -710,11 +718,7 @@ def train(cfg, given, resume):
         check_output(cfg, run_dir, raw)
     model = raw
     if cfg["compile"]:
-        # On one GPU, "reduce-overhead" also replays the steps as CUDA graphs: at the report's small batches a
-        # step waits on launching its kernels, not on computing them (H200, ThreeCNN on the real data: epochs
-        # of 2.1-2.4 s against 3.0-4.0 s eager; the first one compiles, 14 s). Not under DDP (its gradient hooks
-        # run outside the graphs) nor on a CPU (no CUDA graphs there).
-        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" and WORLD == 1 else None)
+        model = compile_model(model, device)
         if device.type == "cpu":
             log("note: --compile pays on a GPU; on this project's 2-core CPU it trained ThreeCNN slower than without "
                 "(bf16: 68 against 120 img/s; fp32: 51 against 58)")
