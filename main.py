@@ -17,6 +17,7 @@ import argparse
 import csv
 import datetime
 import errno
+import filecmp
 import glob
 import hashlib
 import io
@@ -86,6 +87,27 @@ DEFAULTS = dict(
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly", "loader", "cache_dir",
                      "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir"}
+
+# What each number of a run may be. A value outside is refused in one line before anything starts: batch 0
+# would divide by zero at the first epoch, a negative lr fails inside Adam with a traceback, and an EMA decay
+# of 1.5 or a plateau factor of 2 would train on quietly to a useless model.
+LIMITS = {  # setting: (is it valid, what it may be)
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: 0 < v < math.inf, "a number above 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "0 or more and below 1"),
+    "plateau_patience": (lambda v: v >= 0, "0 or more"),
+    "plateau_factor": (lambda v: 0 < v < 1, "above 0 and below 1"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "early_stop": (lambda v: v >= 1, "at least 1"),
+    "ema": (lambda v: 0 <= v < 1, "0 (off) or a decay below 1, such as 0.999"),
+    "focal_gamma": (lambda v: 0 <= v < math.inf, "0 (off) or more"),
+    "mixup": (lambda v: 0 <= v < math.inf, "0 (off) or more"),
+    "cutmix": (lambda v: 0 <= v < math.inf, "0 (off) or more"),
+    "workers": (lambda v: v >= 0, "0 (no worker processes) or more"),
+    "max_memory_gb": (lambda v: 0 < v < math.inf, "a number above 0"),
+    "eval_batch_size": (lambda v: v is None or v >= 1, "at least 1"),
+}
 
 DEMO_DIR = "demo_data"
 DEMO_EPOCHS = 10
@@ -178,6 +200,10 @@ def resolve_config(args):
     cfg.update(RECIPES[cfg["model"]])
     cfg.update(PRESETS[preset])
     cfg.update(given)
+    for k, (ok, what) in LIMITS.items():
+        if not ok(cfg[k]):
+            raise UserError(f"--{k.replace('_', '-')} {cfg[k]}: it must be {what}")
+    class_weights(cfg, "cpu")  # a malformed --class-weights is refused now, not after the run folder is made
     return cfg, given
 
 
@@ -325,9 +351,9 @@ def class_weights(cfg, device, recall=None):
         return w.clamp(0.5, 2.0).to(device)
     try:
         w = [float(x) for x in cw.split(",")]
-        assert len(w) == dataset.NUM_CLASSES
+        assert len(w) == dataset.NUM_CLASSES and all(0 <= x < math.inf for x in w) and sum(w) > 0
     except (ValueError, AssertionError):
-        raise UserError(f"--class-weights {cw!r}: give 'auto' or five numbers like 1,1,1,1,1.5")
+        raise UserError(f"--class-weights {cw!r}: give 'auto' or five numbers of 0 or more like 1,1,1,1,1.5")
     return torch.tensor(w, device=device)
 
 
@@ -926,6 +952,9 @@ def promote(best, cfg):
     one that scored higher on the same validation rows stays (a 2-epoch try must not displace a 10-hour run);
     any other earlier one is moved aside, never destroyed."""
     dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
+    if os.path.exists(dest) and filecmp.cmp(best, dest, shallow=False):  # a finished run resumed: already there
+        log(f"best checkpoint: {dest}")
+        return
     if os.path.exists(dest):
         new = torch.load(best, map_location="cpu", weights_only=True)
         try:

@@ -68,6 +68,27 @@ def test_bad_data_gives_one_line(name, damage, expect, copy_data, tmp_path, run_
     assert not os.path.exists(tmp_path / "runs")  # failed before any run folder was made
 
 
+# (flags, what the one line must say): numbers that mean nothing, refused before any run folder is made
+BAD_NUMBERS = [
+    (["--batch-size", "0"], "--batch-size 0: it must be at least 1"),  # was a ZeroDivisionError
+    (["--lr", "-1"], "--lr -1.0: it must be a number above 0"),  # was a ValueError inside Adam
+    (["--lr", "nan"], "--lr nan: it must be a number above 0"),
+    (["--epochs", "0"], "--epochs 0: it must be at least 1"),  # made a run folder, then missed best.pth
+    (["--ema", "1.5"], "--ema 1.5: it must be 0 (off) or a decay below 1"),
+    (["--plateau-factor", "2"], "--plateau-factor 2.0: it must be above 0 and below 1"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0: it must be 0 or more and below 1"),
+    (["--workers", "-1", "--loader", "images"], "--workers -1: it must be 0 (no worker processes) or more"),
+    (["--class-weights", "1,1,1,1,-2"], "--class-weights '1,1,1,1,-2': give 'auto' or five numbers of 0 or more"),
+]
+
+
+@pytest.mark.parametrize("flags,expect", BAD_NUMBERS, ids=[" ".join(f) for f, _ in BAD_NUMBERS])
+def test_a_number_out_of_its_range_gives_one_line(flags, expect, tiny_data, tmp_path, run_main):
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, *flags))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {expect}"), err
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_bad_image_in_a_loader_worker_gives_the_same_line(copy_data, tmp_path, run_main):
     bad = os.path.join(copy_data, "train", first_id(copy_data) + ".png")
     open(bad, "wb").write(b"not a png")

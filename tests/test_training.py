@@ -112,7 +112,7 @@ def test_promote_goes_on_when_another_run_moved_the_earlier_best_first(trained, 
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
     dest = ckpt_dir / "three_best.pth"
-    dest.write_bytes((run / "best.pth").read_bytes())
+    checkpoint.save({**torch.load(run / "best.pth", weights_only=True), "best_acc": 0.0}, str(dest))  # an older one
     real = os.replace
 
     def raced(src, dst):  # the other run's replace lands between our check and ours
@@ -124,6 +124,16 @@ def test_promote_goes_on_when_another_run_moved_the_earlier_best_first(trained, 
     main.promote(str(run / "best.pth"), {"ckpt_dir": str(ckpt_dir), "model": "three"})
     assert dest.read_bytes() == (run / "best.pth").read_bytes()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["theirs.pth", "three_best.pth"]  # no empty claim left
+
+
+def test_promoting_the_same_best_again_moves_nothing_aside(trained, tmp_path):
+    """A run stopped between promoting its best and writing its submission promotes it again when resumed."""
+    tmp, run = trained
+    cfg = {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"}
+    for _ in range(2):
+        main.promote(str(run / "best.pth"), cfg)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["three_best.pth"]
+    assert (tmp_path / "ckpt" / "three_best.pth").read_bytes() == (run / "best.pth").read_bytes()
 
 
 def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_path, run_main, monkeypatch):
