@@ -1061,6 +1061,10 @@ def run_command(args, cfg, given):
         print(f"trainable parameters: {models.count_params(model, True):,}")
         return 0
     if args.compare is not None:
+        missing = [f for f in args.compare if not os.path.isdir(f)]
+        if missing:
+            raise UserError(f"--compare: {missing[0]} is not a folder: pass run folders (such as "
+                            f"{cfg['out_dir']}/three-...) or none for every run under --out-dir")
         folders = args.compare or sorted(glob.glob(os.path.join(cfg["out_dir"], "*", "")))
         text, rows = report.compare_runs(folders)
         print(text if rows else f"no finished runs in {', '.join(folders) or cfg['out_dir']}")

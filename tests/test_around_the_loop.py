@@ -86,6 +86,10 @@ def test_compare_lists_finished_runs(run, run_main):
     assert f"{rep['classes']['4']['recall']:.3f}" in line and " 3 " in line
     rc, out, _ = run_main(["--compare", "--out-dir", tmp / "runs"])
     assert rc == 0 and "r " in out
+    rc, _, err = run_main(["--compare", folder, tmp / "typo"])  # a mistyped folder: one line, not an empty table
+    assert rc == 2 and err.strip().splitlines() == [f"error: --compare: {tmp / 'typo'} is not a folder: pass run "
+                                                    f"folders (such as runs/three-...) or none for every run under "
+                                                    f"--out-dir"]
 
 
 def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_main):
