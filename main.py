@@ -224,9 +224,16 @@ def setup_distributed(cfg):
     """Under torchrun: one process per GPU (or CPU process with gloo). Returns the device."""
     global RANK, WORLD
     want = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = want.startswith("cuda")
+    try:
+        asked = torch.device(want)
+    except RuntimeError:
+        raise UserError(f"--device {want}: not a device: use cuda, cuda:N (the N-th GPU) or cpu")
+    cuda = asked.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    if cuda and (asked.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
         if cuda and per_machine > gpus:  # every process checks, so none is left waiting for the others

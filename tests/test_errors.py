@@ -161,6 +161,17 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(tiny_data, tmp_path,
                                         "(one process per GPU): use --nproc_per_node=1, or --device cpu"]
 
 
+@pytest.mark.parametrize("device,expect", [
+    ("foo", "--device foo: not a device: use cuda, cuda:N (the N-th GPU) or cpu"),  # was torch's RuntimeError
+    ("cuda:3", "--device cuda:3: this machine has 1 GPU(s), cuda:0 to cuda:0"),
+])
+def test_a_device_that_is_not_there_is_one_line(device, expect, tiny_data, tmp_path, run_main, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--device", device))
+    assert rc == 2 and err.strip().splitlines() == [f"error: {expect}"]
+
+
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(tiny_data, tmp_path, run_main, monkeypatch):
     real, saves = checkpoint.save, []
 
