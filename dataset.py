@@ -187,9 +187,13 @@ def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print)
                 except FileNotFoundError:  # another process (torchrun) removed it first
                     pass
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, cache)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(data, f)
+            os.replace(tmp, cache)
+        except BaseException:  # a disk that filled up mid-write: leave it no half-written 375 MB behind
+            os.remove(tmp)
+            raise
     except OSError as e:
         log(f"note: could not write the decode cache in {cache_dir} ({e.strerror}); it will be decoded again next run")
     return data

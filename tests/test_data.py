@@ -175,6 +175,20 @@ def test_decode_cache_is_written_when_another_process_removes_a_stale_one_first(
     assert len(listdir(cache)) == 1
 
 
+def test_a_disk_that_fills_up_while_caching_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    def save_until_full(obj, f):  # writes part of the file, then the disk is full
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", save_until_full)
+    msgs = []
+    data = dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), log=msgs.append)
+    assert data["images"].shape == (20, 3, 100, 100)  # the run goes on with the decoded split
+    assert msgs[-1].startswith("note: could not write the decode cache") and "No space left" in msgs[-1]
+    assert os.listdir(tmp_path / "cache") == []  # not a partial file filling the disk further
+
+
 def test_read_only_data_folder_caches_elsewhere(copy_data, tmp_path, monkeypatch):
     os.chmod(copy_data, 0o555)
     try:
