@@ -158,8 +158,9 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             data_mib = mem.now / 2**20
             model = models.build_model(name)  # channels_last: same sizes (FakeTensorMode cannot convert modules)
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
-            steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu), gen, amp,
-                                True, cpu, grad_scaler=False)  # its overflow check reads values: fake tensors have none
+            chunk = dataloader.chunk_steps(batch, "cuda")  # augmented as on the GPU: several steps' images at once
+            steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu, chunk=chunk), gen,
+                                amp, True, cpu, grad_scaler=False)  # its overflow check reads values: fake tensors have none
             for _ in range(2):  # the second step has Adam's state from the first
                 next(steps)
             train_mib, mem.peak = mem.peak / 2**20, mem.now

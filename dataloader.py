@@ -3,7 +3,8 @@
     ImageBatches   the report's path: Pillow decodes each image every epoch, torchvision transforms it,
                    DataLoader worker processes batch it.
     TensorBatches  the fast path: the split decoded once into a uint8 tensor (dataset.load_split_tensors)
-                   kept on the training device; each batch is gathered by index and augmented whole.
+                   kept on the training device; each batch is gathered by index and augmented whole (on a
+                   GPU, several batches at once: GPU_CHUNK_IMAGES).
 
 Both give `plan(gen)` (the epoch's plan: sample order, and for TensorBatches every flip and angle) and
 `batches(plan, gen, start)` which yields (images float NCHW on the device, labels or None, positions
@@ -129,11 +130,26 @@ class _Batches:
             yield slice(k * self.batch_size, (k + 1) * self.batch_size), slice(self.rank, None, self.world)
 
 
+# On a GPU, the images of this many steps are gathered and augmented at once, then handed out a batch at a
+# time. Why: at the report's batches (4-16) a GPU step waits on launching its ~130 small kernels, not on
+# running them (H200, ThreeCNN at batch 16: 0.8% MFU), and the augmentation launches ~35 of them whatever the
+# batch size; augmented 256 images at a time, a step's share is ~2 (counted: a ThreeCNN step is ~100 ops).
+# Not on a CPU, where an op costs its work, not its launch: there chunks of 256 were no faster and chunks of
+# 1,024 2-3x slower (out of cache). Each image's augmentation depends only on its own flip and angle, so the
+# batches are the same either way (tests). The gain on a GPU is not measured yet; the memory is (bench --memory).
+GPU_CHUNK_IMAGES = 256
+
+
+def chunk_steps(batch_size, device):
+    return max(1, GPU_CHUNK_IMAGES // batch_size) if torch.device(device).type == "cuda" else 1
+
+
 class TensorBatches(_Batches):
-    def __init__(self, images, labels, ids, batch_size, train, device, shard=(0, 1)):
+    def __init__(self, images, labels, ids, batch_size, train, device, shard=(0, 1), chunk=None):
         super().__init__(len(images), labels, ids, batch_size, train, device, shard)
         self.images = images.to(self.device)  # uint8 stays small: 12,500 images = 375 MB
         self.device_labels = None if labels is None else labels.to(self.device)
+        self.chunk = chunk or chunk_steps(batch_size, self.device)  # steps gathered and augmented at once
 
     def plan(self, gen=None):
         plan = super().plan(gen)
@@ -144,17 +160,23 @@ class TensorBatches(_Batches):
     def batches(self, plan, gen=None, start=0):
         if self.train and "flips" not in plan:  # the per-image loader's plan: a run resumed with another --loader
             plan = {**plan, **dict(zip(("flips", "angles"), draw_augment_params(self.n, gen)))}
-        # One copy of the plan to the device per epoch: no host-to-device copy (and so no wait) per step.
-        on_device = {k: v.to(self.device) for k, v in plan.items()}
-        for epoch_part, mine in self._batch_slices(start):
-            idx = on_device["order"][epoch_part][mine]
+        # This process's positions in the epoch, step after step from `start`, and how many each step takes;
+        # the plan in that order is copied to the device once per epoch: no host-to-device copy (no wait) per step.
+        every = torch.arange(self.n)
+        parts = [every[epoch_part][mine] for epoch_part, mine in self._batch_slices(start)]
+        sizes = [len(p) for p in parts]
+        mine = {k: v[torch.cat(parts)] for k, v in plan.items()} if parts else {}
+        on_device = {k: v.to(self.device) for k, v in mine.items()}
+        lo = 0
+        for first in range(0, len(sizes), self.chunk):  # a chunk of steps at a time (see GPU_CHUNK_IMAGES)
+            steps = sizes[first:first + self.chunk]
+            hi = lo + sum(steps)
+            idx = on_device["order"][lo:hi]
             x = self.images.index_select(0, idx)  # much faster than images[idx] on a CPU
-            if self.train:
-                x = augment_batch(x, on_device["flips"][epoch_part][mine], on_device["angles"][epoch_part][mine])
-            else:
-                x = normalize(x)
-            y = None if self.device_labels is None else self.device_labels[idx]
-            yield x, y, plan["order"][epoch_part][mine]
+            x = augment_batch(x, on_device["flips"][lo:hi], on_device["angles"][lo:hi]) if self.train else normalize(x)
+            ys = [None] * len(steps) if self.device_labels is None else self.device_labels[idx].split(steps)
+            yield from zip(x.split(steps), ys, mine["order"][lo:hi].split(steps))
+            lo = hi
 
 
 class ImageBatches(_Batches):

@@ -108,6 +108,47 @@ def test_tensor_loader_takes_up_the_image_loaders_plan(tiny_data, tmp_path):
     assert len(got) == len(tensors) - 2 and torch.equal(got[0][2], plan["order"][16:24])
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)], ids=["one process", "second of two"])
+def test_chunked_augmentation_gives_the_same_batches(train, shard):
+    """On a GPU the images of several steps are augmented at once (dataloader.GPU_CHUNK_IMAGES): the batches,
+    labels and positions are those of one batch at a time, from any step a resume starts at."""
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (70, 3, 100, 100), generator=gen, dtype=torch.uint8), torch.arange(70) % 5
+    one, chunked = (dataloader.TensorBatches(images, labels, None, 8, train, "cpu", shard, chunk=c) for c in (1, 3))
+    plan = one.plan(torch.Generator().manual_seed(1))
+    for start in (0, 2):
+        a, b = list(one.batches(plan, None, start)), list(chunked.batches(plan, None, start))
+        last = {(True, 1): 8, (True, 2): 4, (False, 1): 6, (False, 2): 3}[train, shard[1]]  # 70 = 8 x 8 + 6
+        assert len(a) == len(b) == len(one) - start and len(a[-1][2]) == len(b[-1][2]) == last
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+
+
+def test_chunks_take_the_augmentations_ops_out_of_most_steps():
+    """Each op is a kernel launch on a GPU: augmented one batch at a time, a step of 16 costs ~35 of them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Ops.n += not func.is_view  # views launch nothing
+            return out
+    images, labels = torch.zeros(256, 3, 100, 100, dtype=torch.uint8), torch.zeros(256, dtype=torch.long)
+    per_step = {}
+    for chunk in (1, dataloader.chunk_steps(16, "cuda")):
+        b = dataloader.TensorBatches(images, labels, None, 16, True, "cpu", chunk=chunk)
+        plan, Ops.n = b.plan(torch.Generator().manual_seed(0)), 0
+        with Ops():
+            steps = sum(1 for _ in b.batches(plan))
+        per_step[chunk] = Ops.n / steps
+    assert dataloader.chunk_steps(16, "cuda") == 16 and dataloader.chunk_steps(256, "cuda") == 1
+    assert dataloader.chunk_steps(16, "cpu") == 1
+    assert per_step[1] > 30 and per_step[16] < 4, per_step
+
+
 def test_memory_budget_falls_back_to_the_image_loader(tiny_data, tmp_path):
     b = dataloader.make_batches(tiny_data, "train", 8, True, "cpu", cache_dir=str(tmp_path), workers=0,
                                 max_memory_gb=1e-6, log=lambda *a: None)
