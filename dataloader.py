@@ -134,9 +134,10 @@ class _Batches:
 # time. Why: at the report's batches (4-16) a GPU step waits on launching its ~130 small kernels, not on
 # running them (H200, ThreeCNN at batch 16: 0.8% MFU), and the augmentation launches ~35 of them whatever the
 # batch size; augmented 256 images at a time, a step's share is ~2 (counted: a ThreeCNN step is ~100 ops).
-# Not on a CPU, where an op costs its work, not its launch: there chunks of 256 were no faster and chunks of
-# 1,024 2-3x slower (out of cache). Each image's augmentation depends only on its own flip and angle, so the
-# batches are the same either way (tests). The gain on a GPU is not measured yet; the memory is (bench --memory).
+# Not on a CPU, where an op costs its work, not its launch: there, at batch 16, chunks of 256 were not reliably
+# faster (best of five: 27-30k img/s against 20-34k) and chunks of 1,024 were 1.4-3.6x slower (out of cache).
+# Each image's augmentation depends only on its own flip and angle, so the batches are the same either way
+# (tests). The gain on a GPU is not measured yet; the memory is (bench --memory).
 GPU_CHUNK_IMAGES = 256
 
 
