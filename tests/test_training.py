@@ -239,3 +239,17 @@ def test_compile_flag_compiles_the_model_it_trains(tiny_data, tmp_path, run_main
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--compile", "--epochs", "1", "--device", "cpu"))
     assert rc == 0, err
     assert calls == [{"mode": None}] and "--compile pays on a GPU" in out  # and says it was slower on a CPU
+
+
+def test_compile_that_fails_says_so_in_one_line(tiny_data, tmp_path, run_main, monkeypatch):
+    """A machine without a C++ compiler (or Triton) fails at the first compiled step: one line, not the
+    compiler's traceback. Here a real torch.compile whose backend fails as such a compiler search does."""
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("No working C++ compiler found")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=no_compiler))
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--compile", "--epochs", "1", "--device", "cpu"))
+    torch._dynamo.reset()
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: --compile failed on this machine (")
+    assert "No working C++ compiler found" in err and err.strip().endswith("run again without --compile")
