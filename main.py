@@ -1128,8 +1128,8 @@ def main(argv=None):
     except Exception as e:  # --compile on a machine without a C++ compiler or Triton fails at the first step
         if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
-        while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # the compiler's own error
-            e = e.__cause__ or e.inner_exception
+        while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # its cause
+            e = inner
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
         print(f"error: --compile failed on this machine ({reason}): run again without --compile", file=sys.stderr)
         return 2
