@@ -191,7 +191,8 @@ def resolve_config(args):
     if args.demo:
         given.setdefault("data_dir", DEMO_DIR)
         given.setdefault("ckpt_dir", os.path.join("models_pth", "demo"))
-        given.setdefault("epochs", DEMO_EPOCHS)
+        if not args.resume:  # a resumed demo run keeps its own --epochs (a 3-epoch run is not stretched to 10)
+            given.setdefault("epochs", DEMO_EPOCHS)
     cfg = dict(DEFAULTS)
     cfg["model"], preset = given.get("model", DEFAULTS["model"]), given.get("preset", "report")
     if cfg["model"] not in PRESET_MODELS.get(preset, models.MODELS):

@@ -219,6 +219,16 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
     assert torch.load(last, weights_only=True)["config"]["lr"] == 2e-4
 
 
+def test_demo_resume_keeps_the_runs_epochs():
+    # --demo means 10 epochs for a new run; a resumed demo run keeps the --epochs it was started with
+    fresh, given = main.resolve_config(main.parse_args(["--demo"]))
+    assert fresh["epochs"] == main.DEMO_EPOCHS and given["epochs"] == main.DEMO_EPOCHS
+    _, given = main.resolve_config(main.parse_args(["--demo", "--resume"]))
+    assert "epochs" not in given and given["data_dir"] == main.DEMO_DIR
+    _, given = main.resolve_config(main.parse_args(["--demo", "--resume", "--epochs", "12"]))
+    assert given["epochs"] == 12
+
+
 def test_a_run_with_relative_paths_resumes_from_another_working_directory(tiny_data, tmp_path, run_main,
                                                                            monkeypatch):
     monkeypatch.chdir(os.path.dirname(tiny_data))
