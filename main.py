@@ -133,7 +133,7 @@ def build_parser():
     a("--model", choices=list(models.MODELS), help="three (ThreeCNN), skip (SkipConCNN) or ensemble (EnsembleCNN)")
     a("--data-dir", help="folder with train.csv, validation.csv, test.csv and the image folders (default: dataset)")
     a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent), "
-                                          f"{DEMO_EPOCHS} epochs unless --epochs is given")
+                                          f"{DEMO_EPOCHS} epochs unless --epochs is given (a resumed run keeps its own)")
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
                                               "for a GPU) or best (experimental)")
     r = p.add_argument_group("the recipe (defaults: the report's table for --model)")
