@@ -31,8 +31,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dataloader
 import demo_data
+import evaluate
 import main
 import models
+import recipes
+import runtime
+import train
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
@@ -67,7 +71,7 @@ def input_steps(loader, gen):
 
 def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True, fused=True):
     """Training steps as main.py takes them (fused Adam); fused=False: PyTorch's default Adam, as the report's code."""
-    opt = (main.make_optimizer(model.parameters(), 1e-4) if fused else
+    opt = (train.make_optimizer(model.parameters(), 1e-4) if fused else
            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=grad_scaler and amp == torch.float16)
     model.train()
@@ -145,9 +149,9 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
     augmentation for a training step; evaluation at main.py's GPU batch (with TTA where the preset has it),
     the training state still alive beside it. fp16: the GTX 1650 has no bf16. Not counted: mixup/cutmix
     (one more batch) and the GradScaler (a few scalars)."""
-    cfg = {**main.resolve_config(main.parse_args(["--model", name, "--preset", preset]))[0], "quiet": True}
+    cfg = {**recipes.resolve_config(main.parse_args(["--model", name, "--preset", preset]))[0], "quiet": True}
     cpu = torch.device("cpu")
-    batch, eval_batch = cfg["batch_size"], eval_batch or main.eval_batch_size(cfg, "cuda")
+    batch, eval_batch = cfg["batch_size"], eval_batch or evaluate.eval_batch_size(cfg, "cuda")
     gen = torch.Generator().manual_seed(0)
     real_constants = dict(dataloader._NORM)  # normalize()'s cached constants: fake ones must not outlive this
     dataloader._NORM.clear()
@@ -164,8 +168,8 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             for _ in range(2):  # the second step has Adam's state from the first
                 next(steps)
             train_mib, mem.peak = mem.peak / 2**20, mem.now
-            evaluate = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
-            main.predict_probs(model, evaluate, cfg, cpu, amp, cfg["tta"])
+            eval_batches = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
+            evaluate.predict_probs(model, eval_batches, cfg, cpu, amp, cfg["tta"])
             del ema
     finally:
         dataloader._NORM.clear()
@@ -176,8 +180,8 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
 
 
 def memory_table(names):
-    rows = [estimate_memory(name, preset) for preset in main.PRESETS for name in names
-            if name in main.PRESET_MODELS.get(preset, names)]
+    rows = [estimate_memory(name, preset) for preset in recipes.PRESETS for name in names
+            if name in recipes.PRESET_MODELS.get(preset, names)]
     print(f"\nGPU memory, fp16, counted without a GPU (tensors only; 4 GB card = up to {FITS_MIB} MiB of tensors):")
     for r in rows:
         print(f"  --preset {r['preset']:<6} {r['model']:<9} train batch {r['batch']:>3}: {r['train_peak_mib']:6.0f} MiB"
@@ -188,11 +192,11 @@ def memory_table(names):
 
 def main_bench(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=main.DEMO_DIR)
+    p.add_argument("--data-dir", default=recipes.DEMO_DIR)
     p.add_argument("--models", default=None, help="comma list (default: three,skip,ensemble)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--workers", type=int, default=main.DEFAULTS["workers"], help="baseline DataLoader workers "
+    p.add_argument("--workers", type=int, default=recipes.DEFAULTS["workers"], help="baseline DataLoader workers "
                    "(the report's 4, at most one per core)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="train and inference batch of both paths "
@@ -208,18 +212,18 @@ def main_bench(argv=None):
     all_models = (a.models or "three,skip,ensemble").split(",")
     if a.memory:
         return memory_table(all_models)
-    if a.data_dir == main.DEMO_DIR:
-        demo_data.ensure(main.DEMO_DIR)
+    if a.data_dir == recipes.DEMO_DIR:
+        demo_data.ensure(recipes.DEMO_DIR)
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
-    amp = main.amp_dtype({"amp": a.amp}, device)
+    amp = runtime.amp_dtype({"amp": a.amp}, device)
     cpu = device.type == "cpu"
     # --quick on a CPU measures ThreeCNN only: one SkipConCNN step there takes seconds.
     names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble")).split(",")
     rounds = a.rounds or (2 if a.quick else 3)
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                   and k in torch.cuda.get_device_name(device)), None)
-    dev_name = main.device_name(device)
+    dev_name = runtime.device_name(device)
     print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}"
           f"{', compiled' if a.compile else ''}; {rounds} alternating rounds, median shown")
 
@@ -269,10 +273,10 @@ def main_bench(argv=None):
     measure("input", "-", lambda: input_steps(slow_in, gen), lambda: input_steps(fast_in, gen), 16, 16)
 
     for name in names:
-        batch = a.batch_size or main.RECIPES[name]["batch_size"]
+        batch = a.batch_size or recipes.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
         fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
-        fast_run = main.compile_model(fast_model, device) if a.compile else fast_model  # FLOPs: on fast_model
+        fast_run = runtime.compile_model(fast_model, device) if a.compile else fast_model  # FLOPs: on fast_model
         slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
 
         def flops_extra(train):
@@ -286,7 +290,7 @@ def main_bench(argv=None):
             return extra
         measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
                 lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
-        eval_batch = a.batch_size or main.eval_batch_size({**main.DEFAULTS, "model": name}, device)
+        eval_batch = a.batch_size or evaluate.eval_batch_size({**recipes.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
         measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
                 lambda: infer_steps(fast_run, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))

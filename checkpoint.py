@@ -120,6 +120,11 @@ def load_weights(model, ckpt, path):
                         f"({str(e).splitlines()[0][:80]}...): it was written by different code")
 
 
+def eval_state(ckpt):
+    """The weights a checkpoint is judged by: the EMA's when it has one."""
+    return ckpt.get("ema_state_dict") or ckpt["state_dict"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Random state of everything that draws random numbers (as plain types and tensors)
 

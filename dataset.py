@@ -3,6 +3,7 @@
 Layout (the Kaggle download):  DATA/train.csv, DATA/validation.csv (image_id,label), DATA/test.csv (image_id),
 and DATA/<split>/<image_id>.png. Files in another format Pillow reads (WebP, JPEG) are found too.
 Every problem a user can cause raises UserError with one line that names the file and the fix.
+PyTorch is imported where tensors are made, not here: main.py checks the data before it imports PyTorch.
 """
 import hashlib
 import os
@@ -11,16 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, UnidentifiedImageError
 
+import demo_data
+from errors import UserError  # noqa: F401 (raised here, and imported from here by others)
+from recipes import DEMO_DIR, NUM_CLASSES  # noqa: F401
+
 IMAGE_SIZE = 100
-NUM_CLASSES = 5
 SPLITS = ("train", "validation", "test")
-
-
-class UserError(Exception):
-    """A problem the user can fix; main.py prints it as one line and exits non-zero."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +64,21 @@ def read_split_csv(data_dir, split):
     return df[needed].reset_index(drop=True)
 
 
+def check_data(data_dir):
+    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo
+    set is built first when it is the one asked for and is absent). Returns what a resumed run must find
+    again: {split: [rows, digest of its rows]} for train and validation."""
+    if not os.path.exists(data_dir) and os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):
+        demo_data.ensure(DEMO_DIR)
+    rows = {}
+    for split in SPLITS:
+        df = read_split_csv(data_dir, split)
+        find_images(data_dir, split, df["image_id"].tolist())
+        if split != "test":
+            rows[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding and decoding images
 
@@ -99,8 +113,9 @@ def decode_image(path):
     return im
 
 
-class CsvImageDataset(torch.utils.data.Dataset):
-    """One image at a time from disk (the report's path): (image, label), or (image, image_id) for test."""
+class CsvImageDataset:
+    """One image at a time from disk (the report's path): (image, label), or (image, image_id) for test.
+    A map-style dataset for torch's DataLoader (it needs only __len__ and __getitem__)."""
 
     def __init__(self, data_dir, split, transform=None):
         df = read_split_csv(data_dir, split)
@@ -156,6 +171,7 @@ def default_cache_dir(data_dir):
 
 def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print):
     """{"images": uint8 (N,3,100,100), "labels": int64 (N,) or None, "ids": [str]}, decoded once then cached."""
+    import torch
     df = read_split_csv(data_dir, split)
     ids = df["image_id"].tolist()
     paths = find_images(data_dir, split, ids)

@@ -9,6 +9,7 @@ sys.path.insert(0, ROOT)
 
 import demo_data  # noqa: E402
 import main  # noqa: E402
+import runs  # noqa: E402
 
 TINY = {"train": 60, "validation": 20, "test": 10}
 
@@ -40,7 +41,7 @@ def fixed_clock(monkeypatch):
     """main.py's clock stopped at 2026-01-02 03:04:05: things made within one second."""
     import datetime
     import types
-    monkeypatch.setattr(main, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
+    monkeypatch.setattr(runs, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
         now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
 
 

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import main
+import recipes
+import runs
+import runtime
 from conftest import ROOT, base_args
 
 
@@ -34,12 +37,12 @@ def test_plain_output_is_one_line_per_epoch(run, tiny_data, tmp_path, run_main):
 
 
 def test_progress_bars_on_a_terminal_only(monkeypatch):
-    cfg = dict(main.DEFAULTS)
+    cfg = dict(recipes.DEFAULTS)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
-    assert not main.progress(10, "x", cfg).disable
-    assert main.progress(10, "x", {**cfg, "quiet": True}).disable
+    assert not runtime.progress(10, "x", cfg).disable
+    assert runtime.progress(10, "x", {**cfg, "quiet": True}).disable
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
-    assert main.progress(10, "x", cfg).disable
+    assert runtime.progress(10, "x", cfg).disable
 
 
 def test_run_folder_holds_config_log_report_submission_and_pictures(run):
@@ -47,7 +50,7 @@ def test_run_folder_holds_config_log_report_submission_and_pictures(run):
     cfg = json.load(open(folder / "config.json"))
     assert cfg["model"] == "three" and cfg["batch_size"] == 8 and cfg["lr"] == 5e-4 and "device_name" in cfg
     rows = list(csv.DictReader(open(folder / "log.csv")))
-    assert list(rows[0]) == main.LOG_FIELDS and len(rows) == 3
+    assert list(rows[0]) == runs.LOG_FIELDS and len(rows) == 3
     rep = json.load(open(folder / "report.json"))
     assert set(rep["classes"]) == {"0", "1", "2", "3", "4"} and {"precision", "recall", "f1-score"} <= set(rep["classes"]["4"])
     for name, min_size in [("confusion.png", (400, 200)), ("curves.png", (600, 150))]:
@@ -136,8 +139,8 @@ def test_a_picture_that_cannot_be_drawn_costs_no_submission(tiny_data, tmp_path,
 def test_under_torchrun_the_first_process_of_a_machine_decodes_while_the_others_wait(local_rank, monkeypatch):
     """The others then read its decode cache (the two-process run above goes through this for real)."""
     events = []
-    monkeypatch.setattr(main, "WORLD", 2)
+    monkeypatch.setattr(runtime, "WORLD", 2)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setattr(main.dist, "barrier", lambda: events.append("barrier"))
-    assert main.first_on_each_machine(lambda: events.append("decode") or "loaders") == "loaders"
+    monkeypatch.setattr(runtime.dist, "barrier", lambda: events.append("barrier"))
+    assert runtime.first_on_each_machine(lambda: events.append("decode") or "loaders") == "loaders"
     assert events == (["decode", "barrier"] if local_rank == "0" else ["barrier", "decode"])

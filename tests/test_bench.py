@@ -3,7 +3,7 @@ import json
 import torch
 
 import bench
-import main
+import recipes
 
 
 def test_bench_writes_the_documented_json(tiny_data, tmp_path):
@@ -80,8 +80,8 @@ def test_memory_estimate_without_data_equals_the_count_with_real_tensors():
 
 def test_every_preset_and_model_fits_a_4gb_card_at_its_default_batches():
     rows = bench.main_bench(["--memory"])
-    assert {(r["preset"], r["model"]) for r in rows} == {(p, m) for p in main.PRESETS for m in ("three", "skip", "ensemble")
-                                                         if m in main.PRESET_MODELS.get(p, m)}
+    assert {(r["preset"], r["model"]) for r in rows} == {(p, m) for p in recipes.PRESETS for m in ("three", "skip", "ensemble")
+                                                         if m in recipes.PRESET_MODELS.get(p, m)}
     assert ("fast", "three") in {(r["preset"], r["model"]) for r in rows}
     assert all(r["fits_4gb"] and r["data_mib"] > 400 for r in rows)
     # why SkipConCNN evaluates at 64 on a GPU: at 256 it would not fit

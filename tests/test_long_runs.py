@@ -11,9 +11,14 @@ import pytest
 import torch
 
 import checkpoint
+import dataset
 import demo_data
+import evaluate
 import main
 import models
+import recipes
+import runs
+import runtime
 from conftest import ROOT, base_args, run_cli
 
 
@@ -149,7 +154,7 @@ def test_a_finished_run_goes_on_with_a_larger_epochs_as_if_it_had_been_one_run(t
 def test_a_run_stopped_before_its_submission_writes_it_when_resumed(tiny_data, tmp_path, run_main, monkeypatch):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(main, "predict_checkpoints", ctrl_c)  # Ctrl-C after the last epoch, before the submission
+    monkeypatch.setattr(evaluate, "predict_checkpoints", ctrl_c)  # Ctrl-C after the last epoch, before the submission
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 130
     run = tmp_path / "runs" / "r"
     assert torch.load(run / "last.pth", weights_only=True)["finished"] and not (run / "submission.csv").exists()
@@ -212,8 +217,8 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
     ck["finished"], ck["config"]["epochs"] = False, 2  # as if it had been stopped with an epoch to go
     checkpoint.save(ck, str(last))
     seen = []
-    real = main.amp_dtype
-    monkeypatch.setattr(main, "amp_dtype", lambda cfg, dev: seen.append(cfg["amp"]) or real(cfg, dev))
+    real = runtime.amp_dtype
+    monkeypatch.setattr(runtime, "amp_dtype", lambda cfg, dev: seen.append(cfg["amp"]) or real(cfg, dev))
     rc, out, _ = run_main(["--resume", last, "--quiet"])
     assert rc == 0 and seen[0] == "off"
     assert torch.load(last, weights_only=True)["config"]["lr"] == 2e-4
@@ -221,11 +226,11 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
 
 def test_demo_resume_keeps_the_runs_epochs():
     # --demo means 10 epochs for a new run; a resumed demo run keeps the --epochs it was started with
-    fresh, given = main.resolve_config(main.parse_args(["--demo"]))
-    assert fresh["epochs"] == main.DEMO_EPOCHS and given["epochs"] == main.DEMO_EPOCHS
-    _, given = main.resolve_config(main.parse_args(["--demo", "--resume"]))
-    assert "epochs" not in given and given["data_dir"] == main.DEMO_DIR
-    _, given = main.resolve_config(main.parse_args(["--demo", "--resume", "--epochs", "12"]))
+    fresh, given = recipes.resolve_config(main.parse_args(["--demo"]))
+    assert fresh["epochs"] == recipes.DEMO_EPOCHS and given["epochs"] == recipes.DEMO_EPOCHS
+    _, given = recipes.resolve_config(main.parse_args(["--demo", "--resume"]))
+    assert "epochs" not in given and given["data_dir"] == recipes.DEMO_DIR
+    _, given = recipes.resolve_config(main.parse_args(["--demo", "--resume", "--epochs", "12"]))
     assert given["epochs"] == 12
 
 
@@ -409,14 +414,14 @@ def test_full_disk_is_reported_before_training(tiny_data, tmp_path, run_main, mo
 def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_predictions(tiny_data, tmp_path, capsys,
                                                                                 monkeypatch):
     import dataloader
-    data = main.dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), log=lambda *m: None)
+    data = dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), log=lambda *m: None)
     model = models.ThreeCNN().eval()
-    cfg = {**main.DEFAULTS, "quiet": True}
+    cfg = {**recipes.DEFAULTS, "quiet": True}
     device = torch.device("cpu")
 
     def loader(batch):
         return dataloader.TensorBatches(data["images"], data["labels"], data["ids"], batch, False, device)
-    expected = main.predict_probs(model, loader(20), cfg, device, None)[0]
+    expected = evaluate.predict_probs(model, loader(20), cfg, device, None)[0]
     forward = models.ThreeCNN.forward
 
     def small_gpu(self, x):  # a card that holds at most 5 images at a time
@@ -425,7 +430,7 @@ def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_prediction
         return forward(self, x)
     monkeypatch.setattr(models.ThreeCNN, "forward", small_gpu)
     batches = loader(20)
-    probs, pos, _, count = main.predict_probs(model, batches, cfg, device, None)
+    probs, pos, _, count = evaluate.predict_probs(model, batches, cfg, device, None)
     assert batches.batch_size == 5 and count == 20 and pos.tolist() == list(range(20))
     assert torch.allclose(probs, expected, atol=1e-5)
     assert "evaluating at 10" in capsys.readouterr().out
@@ -455,14 +460,14 @@ def test_validation_out_of_memory_when_shared_out_names_the_flag_and_the_resume(
                                                                                monkeypatch, at_epoch):
     # Under torchrun each process validates its share of every batch, so the batch cannot be halved there:
     # the validation loader is given a share here (process 0 of 2) without starting processes.
-    loaders_for = main.loaders_for
+    loaders_for = evaluate.loaders_for
 
     def shared_validation(cfg, device, splits, train_split=None, sharded=True):
         out = loaders_for(cfg, device, splits, train_split, sharded)
         if train_split:
             out["validation"].rank, out["validation"].world = 0, 2
         return out
-    monkeypatch.setattr(main, "loaders_for", shared_validation)
+    monkeypatch.setattr(evaluate, "loaders_for", shared_validation)
     last = tmp_path / "runs" / "r" / "last.pth"
     _oom_in_evaluation(monkeypatch, lambda x: at_epoch == 1 or last.exists())
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--eval-batch-size", "8"))
@@ -505,7 +510,7 @@ def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_da
 
 def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path, fixed_clock):
     cfg = {"run_name": None, "model": "three", "out_dir": str(tmp_path / "runs")}
-    folders = [main.new_run_dir(cfg) for _ in range(3)]  # a seed sweep started with '&': none has saved yet
+    folders = [runs.new_run_dir(cfg) for _ in range(3)]  # a seed sweep started with '&': none has saved yet
     assert [os.path.basename(f) for f in folders] == ["three-20260102-030405", "three-20260102-030405-2",
                                                       "three-20260102-030405-3"]
     assert all(os.path.isdir(f) for f in folders)

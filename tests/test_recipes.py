@@ -5,9 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import dataloader
+import evaluate
 import main
 import models
+import recipes
+import train
 from dataset import UserError
 from conftest import base_args
 
@@ -24,8 +28,8 @@ def test_tta_averages_the_softmax_over_its_views(tiny_data, tmp_path):
     model = models.ThreeCNN().eval()
     batches = dataloader.make_batches(tiny_data, "validation", 8, False, "cpu", cache_dir=str(tmp_path),
                                       log=lambda *a: None)
-    cfg = {**main.DEFAULTS, "quiet": True}
-    probs, pos, _, _ = main.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
+    cfg = {**recipes.DEFAULTS, "quiet": True}
+    probs, pos, _, _ = evaluate.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
     x, _, _ = next(batches.batches(batches.plan()))
     views = dataloader.tta_views(x)
     assert len(views) == 4 and torch.equal(views[1], x.flip(3))
@@ -45,28 +49,28 @@ def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main):
     ck = torch.load(run / "best.pth", weights_only=True)
     ema, raw = ck["ema_state_dict"], ck["state_dict"]
     assert ema is not None and not torch.equal(ema["features.0.weight"], raw["features.0.weight"])
-    assert main.eval_state(ck) is ema
+    assert checkpoint.eval_state(ck) is ema
     rc, out, _ = run_main(["--evaluate", run / "best.pth", "--data-dir", tiny_data, "--out-dir", tmp / "e",
                            "--cache-dir", tmp / "cache"])
     assert rc == 0 and f"{100 * ck['best_acc']:.2f}%" in out  # the best metric was measured on the EMA
 
 
 def test_class_weights_auto_and_listed():
-    cfg = dict(main.DEFAULTS, class_weights="auto")
-    w = main.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
+    cfg = dict(recipes.DEFAULTS, class_weights="auto")
+    w = train.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
     assert w[4] == w.max() and w[4] > 1 > w[0]
-    assert main.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
-    assert main.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
+    assert train.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
+    assert train.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
     with pytest.raises(UserError):
-        main.class_weights(dict(cfg, class_weights="1,2"), "cpu")
+        train.class_weights(dict(cfg, class_weights="1,2"), "cpu")
 
 
 def test_focal_loss():
     logits = torch.tensor([[4.0, 0, 0, 0, 0], [0.2, 0, 0, 0, 0]])
     y = torch.tensor([0, 0])
-    ce = main.make_loss(dict(main.DEFAULTS, label_smoothing=0.0))
-    f0 = main.make_loss(dict(main.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
-    f2 = main.make_loss(dict(main.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
+    ce = train.make_loss(dict(recipes.DEFAULTS, label_smoothing=0.0))
+    f0 = train.make_loss(dict(recipes.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
+    f2 = train.make_loss(dict(recipes.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
     assert torch.allclose(f0(logits, y), ce(logits, y), atol=1e-6)
     per = [f2(logits[i:i + 1], y[i:i + 1]) / ce(logits[i:i + 1], y[i:i + 1]) for i in range(2)]
     assert per[0] < per[1] < 1  # easy examples are down-weighted most
@@ -75,11 +79,11 @@ def test_focal_loss():
 
 
 def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main):
-    mix = main.make_mix(dict(main.DEFAULTS, mixup=0.2, cutmix=1.0))
+    mix = train.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
     x, y = torch.randn(8, 3, 100, 100), torch.arange(8) % 5
     xm, ym = mix(x, y)
     assert xm.shape == x.shape and ym.shape == (8, 5) and torch.allclose(ym.sum(1), torch.ones(8))
-    assert main.make_mix(main.DEFAULTS) is None
+    assert train.make_mix(recipes.DEFAULTS) is None
     rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "1",
                                     "--focal-gamma", "2", "--class-weights", "auto"))
     assert rc == 0, err
@@ -100,13 +104,13 @@ def test_soft_vote_of_checkpoints(ema_run, tiny_data, run_main):
 
 
 def test_presets_keep_the_report_recipe_and_add_best_and_fast(tiny_data, tmp_path, run_main):
-    report_cfg, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "report"]))
-    plain_cfg, _ = main.resolve_config(main.parse_args(["--model", "three"]))
+    report_cfg, _ = recipes.resolve_config(main.parse_args(["--model", "three", "--preset", "report"]))
+    plain_cfg, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))
     assert report_cfg == plain_cfg and report_cfg["scheduler"] == "plateau" and report_cfg["ema"] == 0
-    best, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "best", "--epochs", "7"]))
+    best, _ = recipes.resolve_config(main.parse_args(["--model", "three", "--preset", "best", "--epochs", "7"]))
     assert best["scheduler"] == "cosine" and best["tta"] and best["ema"] > 0 and best["epochs"] == 7
     assert best["batch_size"] == 16  # the table still supplies what the preset leaves alone
-    fast, _ = main.resolve_config(main.parse_args(["--model", "three", "--preset", "fast"]))
+    fast, _ = recipes.resolve_config(main.parse_args(["--model", "three", "--preset", "fast"]))
     assert {k: fast[k] for k in ("batch_size", "lr", "early_stop", "plateau_patience")} == \
         dict(batch_size=256, lr=2e-3, early_stop=45, plateau_patience=45)
     assert {k: v for k, v in fast.items() if v != report_cfg[k]}.keys() == {"preset", "batch_size", "lr", "early_stop",

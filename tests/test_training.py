@@ -8,8 +8,13 @@ import pytest
 import torch
 
 import checkpoint
+import evaluate
 import main
 import models
+import recipes
+import runs
+import runtime
+import train
 from conftest import base_args
 
 
@@ -100,7 +105,7 @@ def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main,
         ck["best_acc"], ck["marker"] = 0.0, k
         checkpoint.save(ck, str(dest))
         versions.append(dest.read_bytes())
-        main.promote(str(tmp / "runs" / "r-2" / "best.pth"), cfg)
+        runs.promote(str(tmp / "runs" / "r-2" / "best.pth"), cfg)
     assert [p.name for p in aside()] == ["three_best.20260102-030405-2.pth", "three_best.20260102-030405.pth"]
     assert sorted(p.read_bytes() for p in aside()) == sorted(versions)
     assert dest.read_bytes() == (tmp / "runs" / "r-2" / "best.pth").read_bytes()
@@ -121,7 +126,7 @@ def test_promote_goes_on_when_another_run_moved_the_earlier_best_first(trained, 
             raise FileNotFoundError(src)
         real(src, dst)
     monkeypatch.setattr(os, "replace", raced)
-    main.promote(str(run / "best.pth"), {"ckpt_dir": str(ckpt_dir), "model": "three"})
+    runs.promote(str(run / "best.pth"), {"ckpt_dir": str(ckpt_dir), "model": "three"})
     assert dest.read_bytes() == (run / "best.pth").read_bytes()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["theirs.pth", "three_best.pth"]  # no empty claim left
 
@@ -131,14 +136,14 @@ def test_promoting_the_same_best_again_moves_nothing_aside(trained, tmp_path):
     tmp, run = trained
     cfg = {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"}
     for _ in range(2):
-        main.promote(str(run / "best.pth"), cfg)
+        runs.promote(str(run / "best.pth"), cfg)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["three_best.pth"]
     assert (tmp_path / "ckpt" / "three_best.pth").read_bytes() == (run / "best.pth").read_bytes()
 
 
 def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_path, run_main, monkeypatch):
     accs = iter([0.5, 0.6] + [0.6] * 20)  # improves twice, then never again
-    monkeypatch.setattr(main, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
+    monkeypatch.setattr(evaluate, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
     rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "50", "--plateau-patience", "2",
                                     "--plateau-factor", "0.5", "--early-stop", "4", "--lr", "1e-3"))
     assert rc == 0 and "early stop" in out
@@ -151,11 +156,11 @@ def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_pa
 
 
 def test_recipe_table_defaults_and_overrides():
-    cfg, _ = main.resolve_config(main.parse_args(["--model", "skip"]))
+    cfg, _ = recipes.resolve_config(main.parse_args(["--model", "skip"]))
     assert (cfg["batch_size"], cfg["lr"], cfg["plateau_patience"], cfg["early_stop"]) == (8, 5e-4, 5, 25)
-    cfg, _ = main.resolve_config(main.parse_args(["--model", "ensemble", "--lr", "3e-4"]))
+    cfg, _ = recipes.resolve_config(main.parse_args(["--model", "ensemble", "--lr", "3e-4"]))
     assert (cfg["batch_size"], cfg["lr"], cfg["label_smoothing"], cfg["epochs"]) == (4, 3e-4, 0.1, 80)
-    cfg, _ = main.resolve_config(main.parse_args(["--model", "three"]))
+    cfg, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))
     assert (cfg["plateau_factor"], cfg["plateau_patience"], cfg["early_stop"], cfg["epochs"]) == (0.8, 15, 15, 200)
 
 
@@ -207,7 +212,7 @@ def test_amp_auto_gives_fp16_to_cards_that_only_emulate_bf16(capability, expecte
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(major=capability))
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
     assert torch.cuda.is_bf16_supported()  # what the default check says, even on capability 7
-    assert main.amp_dtype({"amp": "auto"}, torch.device("cuda")) == expected
+    assert runtime.amp_dtype({"amp": "auto"}, torch.device("cuda")) == expected
 
 
 def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_bf16_model():
@@ -215,7 +220,7 @@ def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_
     x = torch.randn(4, 3, 100, 100).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 4])
     weights = []
-    for make in (main.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
+    for make in (train.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
         torch.manual_seed(3)
         model = models.ThreeCNN().to(memory_format=torch.channels_last)
         start = model.features[0].weight.detach().clone()

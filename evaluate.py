@@ -1,0 +1,182 @@
+"""Judging and predicting: softmax probabilities (with TTA, halving the batch when a GPU runs out of memory),
+validation accuracy during training, evaluation reports, submissions, soft votes and error analysis.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import checkpoint
+import dataloader
+import dataset
+import models
+import report
+import runtime
+from runtime import log
+
+# Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
+# so at 256 images its evaluation needs ~3.1 GiB of tensors in fp16 (data and training state included):
+# more than a GTX 1650's 4 GiB leaves after the CUDA context. 64 keeps every model under ~1.3 GiB
+# (python bench.py --memory; docs/performance.md).
+EVAL_BATCH_GPU = {"three": 256, "skip": 64, "ensemble": 64}
+
+
+def eval_batch_size(cfg, device):
+    """--eval-batch-size, else EVAL_BATCH_GPU on a GPU and 16 on a CPU (measured fastest there: activations
+    stay in cache; bench.py, docs/performance.md)."""
+    if cfg["eval_batch_size"]:
+        return cfg["eval_batch_size"]
+    if torch.device(device).type != "cuda":
+        return 16
+    return EVAL_BATCH_GPU.get(cfg["model"], min(EVAL_BATCH_GPU.values()))  # a vote may hold any model
+
+
+def loaders_for(cfg, device, splits, train_split=None, sharded=True):
+    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch."""
+    kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
+              pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log)
+    out = {}
+    for split in splits:
+        train = split == train_split
+        bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
+        out[split] = dataloader.make_batches(cfg["data_dir"], split, bs, train,
+                                             shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1), **kw)
+    return out
+
+
+# ==============================================================================================
+# Probabilities and validation
+
+def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
+    """Softmax probabilities in split order, plus (summed loss, count) when the split is labelled.
+    A GPU that runs out of memory gets the split again at half the batch: an evaluation never ends a run
+    that trained well (when the split is shared out under torchrun the processes must agree on the batch,
+    so there it is an error)."""
+    while True:
+        try:
+            return _predict_probs(model, batches, cfg, device, amp, tta, desc)
+        except torch.OutOfMemoryError:
+            if batches.world > 1 or batches.batch_size == 1:
+                raise
+        # Here, out of the except block, the failed attempt's tensors (held by the traceback) are freed.
+        torch.cuda.empty_cache()
+        batches.batch_size //= 2
+        log(f"note: out of GPU memory evaluating at batch {2 * batches.batch_size}; evaluating at "
+            f"{batches.batch_size} (--eval-batch-size sets it)")
+
+
+@torch.inference_mode()
+def _predict_probs(model, batches, cfg, device, amp, tta, desc):
+    model.eval()
+    probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
+    with runtime.progress(len(batches), desc, cfg) as bar:  # closed also when an out-of-memory error ends it
+        for x, y, idx in batches.batches(batches.plan()):
+            x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+            views = dataloader.tta_views(x) if tta else [x]
+            p = 0
+            for v in views:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    p = p + model(v).float().softmax(1)
+            p = p / len(views)
+            if y is not None:
+                loss_sum += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum")
+                count += len(y)
+            probs.append(p)
+            pos.append(idx)
+            bar.update(1)
+    return torch.cat(probs).cpu(), torch.cat(pos), loss_sum, count
+
+
+def evaluate_split(model, batches, cfg, device, amp):
+    """(loss, accuracy, per-class recall) over the split, reduced across processes."""
+    probs, pos, loss_sum, count = predict_probs(model, batches, cfg, device, amp, cfg["tta"], "validate")
+    y = batches.labels[pos]
+    pred = probs.argmax(1)
+    k = dataset.NUM_CLASSES
+    per_class = torch.stack([torch.bincount(y, minlength=k), torch.bincount(y[pred == y], minlength=k)]).float()
+    totals = torch.cat([torch.stack([loss_sum.cpu(), torch.tensor(float(count))]), per_class.flatten()])
+    if runtime.WORLD > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    loss, n, per_class = totals[0].item(), totals[1].item(), totals[2:].view(2, k)
+    recall = (per_class[1] / per_class[0].clamp_min(1)).tolist()
+    return loss / n, per_class[1].sum().item() / n, recall
+
+
+# ==============================================================================================
+# Checkpoints judged: evaluate, predict (one checkpoint or a soft vote), analyze
+
+def draw(plot, *args):
+    """Pictures are extras: one that cannot be drawn (a broken matplotlib, say) is a note, not a lost submission.
+    The last argument is the picture's path."""
+    try:
+        plot(*args)
+    except Exception as e:
+        log(f"note: could not draw {args[-1]} ({type(e).__name__}: {e})")
+
+
+def load_for_eval(path, cfg, device, expect_model=None):
+    ckpt = checkpoint.load(path, expect_model=expect_model)
+    model = models.build_model(ckpt["model"])  # an ensemble's checkpoint holds its bases' weights too
+    checkpoint.load_weights(model, {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
+    model = model.to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt
+
+
+def vote_probs(cfg, paths, batches, device, amp, expect_model=None):
+    """Average of the softmax outputs of every checkpoint in `paths` (one path: just that model)."""
+    total = 0
+    for path in paths:
+        model, _ = load_for_eval(path, cfg, device, expect_model if len(paths) == 1 else None)
+        probs, pos, _, _ = predict_probs(model, batches, cfg, device, amp, cfg["tta"], f"{os.path.basename(path)}")
+        total = total + probs
+    return total / len(paths), pos
+
+
+def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None):
+    va = loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
+    probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model)
+    y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
+    rep = report.build_report(y, pred)
+    rep["checkpoints"] = list(paths)
+    text = report.report_text(rep, y, pred, title or ", ".join(paths))
+    log(text)
+    report.save_report(rep, text, out_dir)
+    draw(report.plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
+    log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
+    return rep, probs, pos, va
+
+
+def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None):
+    te = loaders_for(cfg, device, ["test"], sharded=False)["test"]
+    probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model)
+    ids = [te.ids[i] for i in pos.tolist()]
+    report.write_submission(out_csv, ids, probs.argmax(1).tolist())
+    log(f"submission: {out_csv} ({len(ids)} rows, test.csv order)")
+
+
+def analyze(cfg, path, out_dir, device, amp, expect_model=None):
+    rep, probs, pos, va = evaluate_checkpoints(cfg, [path], out_dir, device, amp, f"analysis of {path}", expect_model)
+    data = dataset.load_split_tensors(cfg["data_dir"], "validation", cfg["cache_dir"], log=log)
+    y = va.labels[pos]
+    loss = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().squeeze(1)
+    worst = loss.argsort(descending=True)[:32]
+    conf, pred = probs.max(1)
+    report.plot_gallery(data["images"][pos[worst]], y[worst].tolist(), pred[worst].tolist(), conf[worst].tolist(),
+                        os.path.join(out_dir, "worst.png"), "highest-loss validation images: true->predicted (confidence)")
+    report.plot_class_samples(data["images"], data["labels"].numpy(), os.path.join(out_dir, "samples.png"))
+    lines = ["Most confused pairs (actual -> predicted: count)"]
+    lines += [f"  {m['actual']} -> {m['predicted']}: {m['count']}" for m in rep["most_confused"]]
+    lines.append(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}  mistaken most for")
+    for c, m in rep["classes"].items():
+        other = m["confused_most_with"]
+        lines.append(f"{c:>6} {m['precision']:>10.3f} {m['recall']:>8.3f} {m['f1-score']:>8.3f} {int(m['support']):>8}"
+                     f"  {'-' if other is None else other}")
+    text = "\n".join(lines) + "\n"
+    log(text)
+    checkpoint.atomic_write_text(os.path.join(out_dir, "analysis.txt"), text)
+    log(f"pictures: {os.path.join(out_dir, 'worst.png')}, {os.path.join(out_dir, 'samples.png')}")

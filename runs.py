@@ -1,0 +1,286 @@
+"""Run folders and what is kept in them: a new folder per run, finding / checking / opening a run to resume,
+config.json and the per-epoch log, a run's state saved to and restored from last.pth / best.pth, and
+promotion of a run's best checkpoint to models_pth/ where users find it.
+"""
+import csv
+import datetime
+import filecmp
+import glob
+import io
+import json
+import math
+import os
+import shutil
+
+import torch
+
+import checkpoint
+import dataset
+import models
+import runtime
+from errors import DISK_ERRORS, UserError
+from recipes import RESUME_MAY_CHANGE
+from runtime import log
+
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+
+# Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
+PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "ckpt_dir", "skip_ckpt", "three_ckpt")
+
+
+# ==============================================================================================
+# New folders
+
+def claim_new_path(base, ext, make):
+    """The first of BASE.EXT, BASE-2.EXT, BASE-3.EXT ... that `make` creates. make (os.makedirs, or open with
+    'x') fails on a taken name, so two processes never get the same one, even within one second."""
+    k = 1
+    while True:
+        path = f"{base}{f'-{k}' if k > 1 else ''}{ext}"
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def new_run_dir(cfg):
+    """A new folder for the run, never an earlier run's; runs started in the same second, as a seed sweep
+    starts them, get one folder each."""
+    name = cfg["run_name"] or f"{cfg['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        return claim_new_path(os.path.join(cfg["out_dir"], name), "", os.makedirs)
+    except OSError as e:
+        raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
+
+
+def command_dir(cfg, verb, model):
+    """The folder of an --evaluate / --predict / --analyze: <out-dir>/<verb>-<model>-<time>."""
+    d = new_run_dir({**cfg, "run_name": cfg["run_name"] or f"{verb}-{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"})
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def check_output(cfg, run_dir, model):
+    """Report an unwritable or full output folder before training, not at the first save."""
+    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) * 3 + (50 << 20)
+    for d in (run_dir, cfg["ckpt_dir"]):
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = os.path.join(d, ".write-test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to {d} ({e.strerror}): pass a writable --out-dir / --ckpt-dir")
+        free = shutil.disk_usage(d).free
+        if free < need:
+            raise UserError(f"{d} has {free >> 20} MB free, a run needs about {need >> 20} MB for checkpoints: "
+                            f"free some space or pass another --out-dir / --ckpt-dir")
+
+
+# ==============================================================================================
+# Resuming
+
+def find_resume(cfg, path):
+    if path == "latest":
+        runs = sorted(glob.glob(os.path.join(cfg["out_dir"], f"{cfg['model']}-*", "last.pth")), key=os.path.getmtime)
+        if not runs:
+            raise UserError(f"--resume: no run of '{cfg['model']}' with a last.pth under {cfg['out_dir']}/: "
+                            f"pass the run folder or its last.pth")
+        return runs[-1]
+    if not os.path.isdir(path):
+        return path
+    last = os.path.join(path, "last.pth")
+    inside = sorted(glob.glob(os.path.join(glob.escape(path), "*", "last.pth")), key=os.path.getmtime)
+    if not os.path.exists(last) and inside:  # the runs folder itself, say
+        raise UserError(f"--resume {path}: not a run folder (no last.pth); the latest run in it is "
+                        f"{os.path.dirname(inside[-1])}: pass that one")
+    return last
+
+
+def absolute_paths(cfg):
+    return {**cfg, **{k: os.path.abspath(cfg[k]) for k in PATH_SETTINGS if cfg.get(k)}}
+
+
+def check_resume_config(saved, given, path):
+    saved, given = absolute_paths(saved), absolute_paths(given)  # 'dataset' and '/home/me/dataset' agree
+    for k, v in given.items():
+        if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v:
+            raise UserError(f"cannot resume {path} with --{k.replace('_', '-')} {v}: that run used {saved[k]!r} "
+                            f"(start a new run, or drop the flag)")
+
+
+def check_resume_data(ckpt, now, cfg, path):
+    """A run resumes on the rows it trained on: its saved epoch plan indexes train.csv's rows."""
+    saved = ckpt.get("data")
+    if saved is None and ckpt["plan"] is not None:  # a checkpoint from before the digests: its plan's length
+        saved = {"train": [len(ckpt["plan"]["order"]), None]}
+    for split, (rows, digest) in (saved or {}).items():
+        same = now[split][1] == digest if digest else now[split][0] == rows
+        if not same:
+            raise UserError(f"cannot resume {path}: {os.path.join(cfg['data_dir'], split + '.csv')} has changed since "
+                            f"the run started ({now[split][0]} rows, it had {rows}): restore it, or start a new run")
+
+
+def open_resume(cfg, given, resume):
+    """The checkpoint to resume, the run's own settings, and what is left to do: 'train', 'finish' (training
+    ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between) or
+    'nothing'. A finished run trains again where a larger --epochs or --early-stop gives it room."""
+    path = find_resume(cfg, resume)
+    ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
+    if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
+        raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth (or its folder)")
+    check_resume_config(ckpt["config"], given, path)
+    cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    run_dir = os.path.dirname(os.path.abspath(path))
+    todo = "train"
+    if ckpt["finished"]:
+        limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
+                                         ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
+        if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
+            log(f"{path}: the run finished training but not its report and submission: writing them")
+            todo = "finish"
+        elif limits:
+            log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
+                f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
+                f"{100 * ckpt['best_acc']:.2f}% at epoch {ckpt['best_epoch']}); nothing to do. To train it "
+                f"further, resume with a larger {' and '.join(limits)}")
+            todo = "nothing"
+        else:
+            log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
+                f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
+    return ckpt, cfg, path, run_dir, todo
+
+
+def start_log(run, resumed):
+    """config.json, the log (a resumed run continues its own; rows past the checkpoint are dropped), and the
+    lines that say what trains where."""
+    cfg, device, amp = run.cfg, run.device, run.amp
+    cfg_out = {**cfg, "device_name": runtime.device_name(device), "amp_dtype": str(amp),
+               "world_size": runtime.WORLD, "torch": torch.__version__}
+    checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
+    write_log(run.log_csv, kept_log_rows(run.log_csv, run.epoch) if resumed else [])
+    log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
+        f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
+        f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")
+
+
+# ==============================================================================================
+# The log, and the best checkpoint where users find it
+
+def write_log(path, rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def append_log(path, row):
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n").writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def kept_log_rows(path, epoch):
+    """The log rows of epochs up to `epoch` (a resumed run continues its log; rows past its checkpoint go)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+
+
+def promote(best, cfg):
+    """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look. An earlier
+    one that scored higher on the same validation rows stays (a 2-epoch try must not displace a 10-hour run);
+    any other earlier one is moved aside, never destroyed."""
+    dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
+    if os.path.exists(dest) and filecmp.cmp(best, dest, shallow=False):  # a finished run resumed: already there
+        log(f"best checkpoint: {dest}")
+        return
+    if os.path.exists(dest):
+        new = torch.load(best, map_location="cpu", weights_only=True)
+        try:
+            old = torch.load(dest, map_location="cpu", weights_only=True)
+            same_rows = (old.get("data") or {}).get("validation") == new["data"]["validation"]
+        except Exception:  # unreadable: moved aside below, as any other
+            same_rows = False
+        if same_rows and old["best_acc"] > new["best_acc"]:
+            log(f"kept {dest}: {100 * old['best_acc']:.2f}% on these validation images, more than this run's "
+                f"{100 * new['best_acc']:.2f}% (its best stays in {best})")
+            return
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside = claim_new_path(os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}"), ".pth",
+                               lambda p: open(p, "x").close())
+        try:
+            os.replace(dest, aside)
+            log(f"kept the previous {dest} as {aside}")
+        except FileNotFoundError:  # another run finishing at this instant moved it first
+            os.remove(aside)
+    with open(best, "rb") as f:
+        checkpoint.atomic_write_bytes(dest, f.read())
+    log(f"best checkpoint: {dest}")
+
+
+# ==============================================================================================
+# A run's state in last.pth / best.pth, and back
+
+def load_optimizer_state(opt, state):
+    """Adam's saved state, run fused whatever implementation wrote it (a checkpoint of PyTorch's default Adam
+    says fused=None). The flag is set in the saved groups before loading, because loading reads it there:
+    fused Adam keeps its step counters on the GPU beside the weights, the default Adam on the CPU."""
+    groups = [{**g, "fused": True, "foreach": None} for g in state["param_groups"]]
+    opt.load_state_dict({**state, "param_groups": groups})
+
+def restore(run, ckpt):
+    """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
+    cfg, sched, opt = run.cfg, run.sched, run.opt
+    run.raw.load_state_dict(ckpt["state_dict"])
+    load_optimizer_state(opt, ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
+        # --epochs changed on resume: from here on the rate is that of a cosine over the new number of
+        # epochs. Kept at the saved length, it would climb again past its end; a finished run resumed
+        # from the end of its cosine would go on at a rate of zero.
+        sched.T_max = cfg["epochs"]
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["ema_state_dict"])
+        run.ema.n_averaged.fill_(ckpt["ema_n"])
+    checkpoint.set_rng_state(ckpt["rng"], run.gen)
+    for k in ("epoch", "step", "best_acc", "best_epoch", "bad_epochs", "plan", "recall"):
+        setattr(run, k, ckpt[k])
+    run.partial = ckpt["partial"].to(run.device)
+    log(f"resuming {run.run_dir} at epoch {run.epoch + 1}" + (f", step {run.step + 1}" if run.step else ""))
+
+
+def snapshot(run, finished=False):
+    """What last.pth and best.pth hold: plain types and tensors (checkpoint.py loads them weights_only)."""
+    ema = run.ema
+    return dict(format=checkpoint.FORMAT, model=run.cfg["model"], num_classes=dataset.NUM_CLASSES,
+                config=absolute_paths(run.cfg), epoch=run.epoch, step=run.step, best_acc=run.best_acc,
+                best_epoch=run.best_epoch, bad_epochs=run.bad_epochs, finished=finished,
+                state_dict=run.raw.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
+                scaler=run.scaler.state_dict(), ema_state_dict=ema.module.state_dict() if ema is not None else None,
+                ema_n=int(ema.n_averaged) if ema is not None else 0, rng=checkpoint.rng_state(run.gen),
+                plan=run.plan, partial=run.partial.cpu(), recall=run.recall, data=run.data_rows)
+
+def write(run, fn, *args):
+    """A disk that fills up (or a folder that loses its write permission) mid-run: one line with the way back,
+    not a traceback. What was written before is intact: every file is replaced atomically."""
+    try:
+        fn(*args)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        then = f"resume with: python main.py --resume {run.run_dir}" if os.path.exists(run.last) else "start again"
+        raise UserError(f"could not write to {run.run_dir} ({e.strerror}): free some space there (or fix its "
+                        f"permissions), then {then}")
+
+
+def save_state(run, path, finished=False):
+    write(run, checkpoint.save, snapshot(run, finished), path)

@@ -1,0 +1,404 @@
+"""The training run: the loss, optimizer, schedule and batch mixing; one epoch; the loop with the plateau
+schedule and early stopping; a checkpoint every epoch; Ctrl-C / SIGTERM; the end of a run (report,
+submission, best checkpoint promoted).
+
+    train(cfg, given, resume)      set_up -> [one_epoch -> end_of_epoch] x epochs -> finish
+"""
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import dataset
+import evaluate
+import models
+import report
+import runs
+import runtime
+from errors import UserError
+from recipes import fixed_class_weights
+from runtime import log
+
+# ==============================================================================================
+# Building blocks: model, loss, optimizer, schedule, batch mixing
+
+def ensemble_base_paths(cfg):
+    return (cfg["skip_ckpt"] or os.path.join(cfg["ckpt_dir"], "skip_best.pth"),
+            cfg["three_ckpt"] or os.path.join(cfg["ckpt_dir"], "three_best.pth"))
+
+
+def build_model(cfg):
+    """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
+    if cfg["model"] != "ensemble":
+        return models.build_model(cfg["model"])
+    paths = dict(zip(["skip", "three"], ensemble_base_paths(cfg)))
+    missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
+                        f"with 'python main.py --model skip' and '--model three', or pass --skip-ckpt/--three-ckpt")
+    bases = {}
+    for name, path in paths.items():
+        ckpt = checkpoint.load(path, expect_model=name)
+        bases[name] = models.build_model(name)
+        checkpoint.load_weights(bases[name], {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
+    return models.EnsembleCNN(bases["skip"], bases["three"])
+
+
+def make_loss(cfg, weights=None):
+    if cfg["focal_gamma"]:
+        gamma, ls = cfg["focal_gamma"], cfg["label_smoothing"]
+
+        def focal(logits, target):  # focal loss: down-weights the easy examples by (1 - p)^gamma
+            logp = F.log_softmax(logits.float(), 1)
+            if target.dim() == 1:
+                target = F.one_hot(target, logp.shape[1]).float()
+            target = target * (1 - ls) + ls / logp.shape[1]
+            loss = -(target * (1 - logp.exp()) ** gamma * logp)
+            if weights is not None:
+                loss = loss * weights
+            return loss.sum(1).mean()
+        return focal
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg["label_smoothing"])
+
+
+def class_weights(cfg, device, recall=None):
+    cw = cfg["class_weights"]
+    if not cw:
+        return None
+    if cw == "auto":  # weight each class by how badly it was recalled at the last validation
+        if recall is None:
+            return None
+        r = torch.tensor(recall, dtype=torch.float32).clamp_min(0.05)
+        w = (1 / r) / (1 / r).mean()
+        return w.clamp(0.5, 2.0).to(device)
+    return torch.tensor(fixed_class_weights(cw), device=device)
+
+
+def make_optimizer(params, lr, weight_decay=0.0):
+    """Adam, fused: one kernel updates every parameter. The default (a loop over the parameters on a CPU)
+    takes several times as long there (bench.py measures both); on a GPU fused is the library's fastest Adam
+    too, and works with the GradScaler."""
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
+
+
+
+def make_scheduler(cfg, opt):
+    if cfg["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=cfg["plateau_patience"],
+                                                      factor=cfg["plateau_factor"])
+
+
+def make_mix(cfg):
+    """mixup/cutmix on whole batches (torchvision.transforms.v2); returns None when both are off."""
+    from torchvision.transforms import v2
+    ops = []
+    if cfg["mixup"]:
+        ops.append(v2.MixUp(alpha=cfg["mixup"], num_classes=dataset.NUM_CLASSES))
+    if cfg["cutmix"]:
+        ops.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=dataset.NUM_CLASSES))
+    return v2.RandomChoice(ops) if ops else None
+
+
+# ==============================================================================================
+# One epoch
+
+class Stop:
+    """SIGINT/SIGTERM: finish the current step, save, exit. A second signal exits at once."""
+    signal = None
+
+    @classmethod
+    def install(cls):
+        """Installs the handlers; returns the previous ones (restored when training ends)."""
+        def handler(signum, frame):
+            if cls.signal is not None:
+                raise KeyboardInterrupt
+            cls.signal = signum
+            log(f"\n{signal.Signals(signum).name}: stopping after this step (press again to quit at once)")
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @classmethod
+    def exit_code(cls):
+        return 130 if cls.signal == signal.SIGINT else 143
+
+
+class NumericalError(Exception):
+    """A loss that became NaN or infinite."""
+
+
+def train_steps(run, start, stats):
+    """Train over one epoch's batches from step `start`; stats (device tensors) accumulate loss and accuracy.
+    Returns the number of steps done (stops early when Stop.signal is set)."""
+    cfg, batches, epoch = run.cfg, run.train_batches, run.epoch + 1
+    run.model.train()
+    done = start
+    losses = torch.zeros(len(batches), device=run.device)  # checked in chunks: no GPU sync per step
+    bar = runtime.progress(len(batches), f"epoch {epoch} train", cfg)
+    bar.update(start)
+    t0 = time.time()
+    for x, y, _ in batches.batches(run.plan, run.gen, start):
+        x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+        target = y
+        if run.mix is not None:
+            x, target = run.mix(x, y)
+        with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+            out = run.model(x)
+            loss = run.loss_fn(out.float(), target)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)  # with fp16, steps whose gradients overflowed are skipped: normal, not an error
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update_parameters(run.raw)
+        losses[done] = loss.detach()
+        stats[0] += loss.detach() * len(y)
+        stats[1] += (out.argmax(1) == y).sum()
+        stats[2] += len(y)
+        done += 1
+        if done % 50 == 0 or done == len(batches):
+            check_finite(losses[:done], epoch)
+            if bar.disable is False:
+                bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}",
+                                acc=f"{100 * stats[1].item() / stats[2].item():.1f}%",
+                                img_s=f"{(done - start) * cfg['batch_size'] / (time.time() - t0):.0f}")
+        bar.update(1)
+        if Stop.signal is not None:
+            break
+    bar.close()
+    check_finite(losses[:done], epoch)
+    return done
+
+
+def check_finite(losses, epoch):
+    """The first step of the epoch whose loss was NaN or infinite, as a NumericalError."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step = bad[0, 0].item()
+        raise NumericalError(f"loss became {losses[step].item()} at epoch {epoch}, step {step + 1}")
+
+
+# ==============================================================================================
+# The training run
+
+def train(cfg, given, resume):
+    """Train one run (new, or resumed from its last.pth) to its end. Returns the exit code."""
+    run = set_up(cfg, given, resume)
+    if isinstance(run, int):  # a resumed run that had nothing left to train
+        return run
+    # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
+    # run resumes from its last end-of-epoch checkpoint.
+    previous_handlers = Stop.install() if runtime.WORLD == 1 else {}
+    try:
+        while run.epoch < run.cfg["epochs"]:
+            stopped = one_epoch(run)
+            if stopped is None:
+                stopped = end_of_epoch(run)
+            if stopped is not None:
+                return stopped
+            if run.bad_epochs >= run.cfg["early_stop"]:
+                log(f"early stop: no better validation accuracy for {run.bad_epochs} epochs")
+                break
+    except NumericalError as e:
+        log(f"error: {e}; stopped. The last good checkpoint is {run.last}; try a lower --lr or --amp off, "
+            f"or --detect-anomaly to find the operation")
+        return 3
+    except torch.OutOfMemoryError:
+        out_of_memory(run)
+    finally:
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
+    return finish(run)
+
+
+def set_up(cfg, given, resume):
+    """Everything before the first epoch: the run's settings, device, data, model, optimizer, folder and log.
+    Returns the Run, or an exit code where a resumed run has nothing left to train."""
+    ckpt = path = run_dir = None
+    if resume:
+        ckpt, cfg, path, run_dir, todo = runs.open_resume(cfg, given, resume)
+        if todo == "nothing":
+            return 0
+        if todo == "finish":
+            device = runtime.setup_distributed(cfg)
+            if runtime.RANK == 0:
+                finish_run(cfg, run_dir, device, runtime.amp_dtype(cfg, device))
+            return 0
+    device = runtime.setup_distributed(cfg)  # after a resume has restored the run's own settings
+    amp = runtime.amp_dtype(cfg, device)
+    gen = runtime.seed_everything(cfg["seed"], cfg["deterministic"])
+    torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
+    data_rows = dataset.check_data(cfg["data_dir"])
+    if ckpt is not None:
+        runs.check_resume_data(ckpt, data_rows, cfg, path)
+    tr, va = load_data(cfg, device)
+    raw = build_model(cfg).to(device)
+    if cfg["channels_last"]:
+        raw = raw.to(memory_format=torch.channels_last)
+    run_dir = run_dir or claim_run_dir(cfg)
+    if runtime.RANK == 0:
+        runs.check_output(cfg, run_dir, raw)
+    opt = make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"])
+    ema = None
+    if cfg["ema"]:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
+    run = SimpleNamespace(
+        cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
+        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=make_scheduler(cfg, opt), ema=ema,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=make_mix(cfg),
+        run_dir=run_dir, last=os.path.join(run_dir, "last.pth"), log_csv=os.path.join(run_dir, "log.csv"),
+        # the counters: what last.pth saves besides the weights, and where a resumed run goes on
+        epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None,
+        partial=torch.zeros(3, device=device), finished=False)
+    if ckpt is not None:
+        runs.restore(run, ckpt)
+    run.loss_fn = make_loss(cfg, class_weights(cfg, device, run.recall))
+    if runtime.RANK == 0:
+        runs.start_log(run, ckpt is not None)
+    return run
+
+
+def load_data(cfg, device):
+    """The train and validation batches. Decoded (and so checked) before any run folder exists: a bad image
+    costs seconds, not a run. The test split too, though it is predicted only at the end: into the decode
+    cache, where the end finds it."""
+    def load():
+        dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
+        return evaluate.loaders_for(cfg, device, ["train", "validation"], train_split="train")
+    loaders = runtime.first_on_each_machine(load)
+    tr, va = loaders["train"], loaders["validation"]
+    if len(tr) == 0:
+        raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
+                        f"lower --batch-size")
+    return tr, va
+
+
+def claim_run_dir(cfg):
+    """A new run folder, made by the first process and shared with the others under torchrun."""
+    run_dir = runs.new_run_dir(cfg) if runtime.RANK == 0 else None
+    if runtime.WORLD > 1:
+        box = [run_dir]
+        torch.distributed.broadcast_object_list(box)
+        run_dir = box[0]
+    return run_dir
+
+
+def wrap_model(cfg, raw, device):
+    """The model the steps call: compiled (--compile) and under DDP (torchrun) as asked; `raw` stays the one
+    whose weights are saved."""
+    model = raw
+    if cfg["compile"]:
+        model = runtime.compile_model(model, device)
+        if device.type == "cpu":
+            log("note: --compile pays on a GPU; on a CPU it trained ThreeCNN slower than without "
+                "(docs/performance.md)")
+    if cfg["preset"] == "fast" and device.type == "cpu":
+        log("note: --preset fast pays on a GPU; on a CPU ThreeCNN trained slower per image at batch 256 than at "
+            "the report's 16 (docs/performance.md), so --preset report is faster here")
+    if runtime.WORLD > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+
+
+
+
+def one_epoch(run):
+    """Train the epoch's steps (from where a resumed run stopped). Interrupted mid-epoch: save where it is and
+    return the exit code; else None."""
+    run.t0 = time.time()
+    if run.step == 0:
+        run.plan, run.partial = run.train_batches.plan(run.gen), torch.zeros(3, device=run.device)
+    run.phase = "train"  # which of the two ran out of memory, if one does
+    run.step = train_steps(run, run.step, run.partial)
+    if Stop.signal is None or run.step == len(run.train_batches):
+        return None
+    if runtime.RANK == 0:
+        runs.save_state(run, run.last)
+        log(f"saved {run.last} (epoch {run.epoch + 1}, step {run.step}).\nresume with: "
+            f"python main.py --resume {run.run_dir}")
+    return Stop.exit_code()
+
+
+def end_of_epoch(run):
+    """Validate, step the schedule, count epochs without gain, save best.pth and last.pth, log the epoch.
+    Returns the exit code when a signal asked to stop, else None."""
+    cfg = run.cfg
+    run.epoch, run.step = run.epoch + 1, 0
+    if runtime.WORLD > 1:
+        torch.distributed.all_reduce(run.partial)
+    run.phase = "validate"
+    eval_model = run.ema.module if run.ema is not None else run.raw
+    val_loss, val_acc, run.recall = evaluate.evaluate_split(eval_model, run.val_batches, cfg, run.device, run.amp)
+    lr = run.opt.param_groups[0]["lr"]
+    if isinstance(run.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.sched.step(val_acc)  # the report's schedule: on validation accuracy, mode max
+    else:
+        run.sched.step()
+    if cfg["class_weights"] == "auto":
+        run.loss_fn = make_loss(cfg, class_weights(cfg, run.device, run.recall))
+    improved = val_acc > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch, run.bad_epochs = val_acc, run.epoch, 0
+    else:
+        run.bad_epochs += 1
+    n = run.partial[2].item()
+    row = dict(epoch=run.epoch, lr=lr, train_loss=run.partial[0].item() / n, train_acc=run.partial[1].item() / n,
+               val_loss=val_loss, val_acc=val_acc, seconds=time.time() - run.t0)
+    run.finished = run.bad_epochs >= cfg["early_stop"] or run.epoch >= cfg["epochs"]
+    if runtime.RANK == 0:
+        if improved:
+            runs.save_state(run, os.path.join(run.run_dir, "best.pth"))
+        runs.save_state(run, run.last, run.finished)
+        runs.write(run, runs.append_log, run.log_csv, row)
+        log(f"epoch {run.epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
+            f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%  lr {lr:.2e}  {row['seconds']:.1f}s"
+            + ("  *best*" if improved else f"  ({run.bad_epochs}/{cfg['early_stop']} without gain)")
+            + (f"  peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:,.0f} MiB"
+               if run.device.type == "cuda" else ""))
+    if Stop.signal is not None:
+        log(f"stopped after epoch {run.epoch}; resume with: python main.py --resume {run.run_dir}")
+        return Stop.exit_code()
+    return None
+
+
+def out_of_memory(run):
+    """The GPU ran out of memory: one line saying which batch to lower, and how to go on."""
+    if run.phase == "train":
+        raise UserError(f"the GPU ran out of memory at batch size {run.cfg['batch_size']}: start again with "
+                        f"--batch-size {max(1, run.cfg['batch_size'] // 2)}")
+    va = run.val_batches
+    if va.batch_size == 1:
+        raise  # not the batch: main() names the other causes
+    # The evaluation batch may change on resume: the run goes on from its last saved epoch.
+    flag = f"--eval-batch-size {va.batch_size // 2}"
+    raise UserError(f"the GPU ran out of memory validating at batch {va.batch_size}: " +
+                    (f"continue with python main.py --resume {run.run_dir} {flag}" if os.path.exists(run.last)
+                     else f"start again with {flag}"))
+
+
+def finish(run):
+    """Training is over: mark last.pth finished, judge the best checkpoint, write the submission."""
+    if not run.finished and runtime.RANK == 0:  # ran out of epochs exactly at a boundary
+        runs.save_state(run, run.last, True)
+    if runtime.RANK == 0:
+        finish_run(run.cfg, run.run_dir, run.device, run.amp)
+    if runtime.WORLD > 1:
+        torch.distributed.barrier()
+    return 0
+
+
+def finish_run(cfg, run_dir, device, amp):
+    """After training: judge the best checkpoint, report, predict test, keep the best where users find it."""
+    best = os.path.join(run_dir, "best.pth")
+    evaluate.evaluate_checkpoints(cfg, [best], run_dir, device, amp,
+                                  title=f"{cfg['model']}: best checkpoint of {run_dir}")
+    evaluate.predict_checkpoints(cfg, [best], os.path.join(run_dir, "submission.csv"), device, amp)
+    runs.promote(best, cfg)
+    evaluate.draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
