@@ -9,6 +9,7 @@ import glob
 import io
 import os
 import pickle
+import pickletools
 import random
 import tempfile
 import time
@@ -96,10 +97,11 @@ def load(path, expect_model=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if holds_pickled_code(path, str(e)):
             raise UserError(f"checkpoint {path} holds pickled code and was refused (nothing in it ran): "
                             f"use a checkpoint written by this project")
-        raise UserError(f"checkpoint {path} is corrupt ({str(e).splitlines()[0][:80]}): use another checkpoint")
+        raise UserError(f"{path} is not a checkpoint (corrupt or another kind of file): use a checkpoint "
+                        f"written by this project (a run's best.pth and last.pth are kept separately)")
     except Exception as e:  # any other failure to parse (random bytes reach many code paths of the unpickler)
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}): use another checkpoint "
                         f"(a run's best.pth and last.pth are kept separately)")
@@ -112,10 +114,25 @@ def load(path, expect_model=None):
     return ckpt
 
 
-def load_weights(model, ckpt, path):
+def holds_pickled_code(path, message):
+    """Whether a file that torch.load(weights_only=True) refused is a real pickle that names code to run (a
+    class, a function), rather than bytes that are no pickle at all. Read with pickletools, which runs nothing."""
+    if "Unsupported global" in message:
+        return True
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+        with open(path, "rb") as f:
+            ops = {op.name for op, _, _ in pickletools.genops(f)}
+    except Exception:  # not a pickle stream: corrupt, or another kind of file
+        return False
+    return bool(ops & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"})
+
+
+def load_weights(model, ckpt, path, key="state_dict"):
+    """The weights ckpt[key] into `model`: the one place every path (resume, evaluate, the ensemble's bases)
+    loads weights, so weights of another architecture are one line, wherever they come from."""
+    try:
+        model.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint {path} does not fit the '{ckpt['model']}' architecture "
                         f"({str(e).splitlines()[0][:80]}...): it was written by different code")
 

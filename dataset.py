@@ -28,6 +28,9 @@ SPLITS = ("train", "validation", "test")
 def read_split_csv(data_dir, split):
     """The split's CSV as a DataFrame with str image_id (and int label for train/validation), checked."""
     path = os.path.join(data_dir, f"{split}.csv")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder: pass the folder that holds train.csv, "
+                        f"validation.csv, test.csv and the image folders")
     if not os.path.isdir(data_dir):
         raise UserError(f"data folder {data_dir} not found: put the Kaggle download there or pass --data-dir "
                         f"(or try --demo)")
@@ -89,7 +92,9 @@ def find_images(data_dir, split, ids):
         raise UserError(f"image folder {folder} not found: {split}.csv lists images that should be in it")
     by_stem = {}
     with os.scandir(folder) as it:
-        for entry in it:
+        for entry in it:  # files only: a folder, or a link to a file that is gone, is no image (counted missing)
+            if not entry.is_file():
+                continue
             stem, ext = os.path.splitext(entry.name)
             if stem not in by_stem or ext.lower() == ".png":  # prefer the Kaggle PNG
                 by_stem[stem] = entry.name
@@ -100,12 +105,25 @@ def find_images(data_dir, split, ids):
     return [os.path.join(folder, by_stem[i]) for i in ids]
 
 
+# What Pillow raises for a file it cannot decode: not an image, truncated, unreadable (permissions, a folder),
+# over its size limit (a "decompression bomb"), or one of its warnings turned into an error (python -W error).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning)
+
+
+def to_rgb(im):
+    """RGB of any mode. 16-bit grayscale (mode I;16, I) is scaled to 8 bits first: Pillow's own conversion
+    clips every value above 255, which turns such an image almost white."""
+    if im.mode.startswith("I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def decode_image(path):
     """RGB PIL image of IMAGE_SIZE x IMAGE_SIZE (grayscale/RGBA/palette converted, other sizes resized)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")  # also forces the full decode, so a truncated file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            im = to_rgb(im)  # also forces the full decode, so a truncated file fails here
+    except DECODE_ERRORS as e:
         raise UserError(f"{path} cannot be read as an image ({type(e).__name__}): replace it with the original "
                         f"or remove its row from the CSV")
     if im.size != (IMAGE_SIZE, IMAGE_SIZE):

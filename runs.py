@@ -234,10 +234,10 @@ def load_optimizer_state(opt, state):
     groups = [{**g, "fused": True, "foreach": None} for g in state["param_groups"]]
     opt.load_state_dict({**state, "param_groups": groups})
 
-def restore(run, ckpt):
+def restore(run, ckpt, path):
     """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
     cfg, sched, opt = run.cfg, run.sched, run.opt
-    run.raw.load_state_dict(ckpt["state_dict"])
+    checkpoint.load_weights(run.raw, ckpt, path)
     load_optimizer_state(opt, ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
@@ -249,7 +249,7 @@ def restore(run, ckpt):
             group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
-        run.ema.module.load_state_dict(ckpt["ema_state_dict"])
+        checkpoint.load_weights(run.ema.module, ckpt, path, key="ema_state_dict")
         run.ema.n_averaged.fill_(ckpt["ema_n"])
     checkpoint.set_rng_state(ckpt["rng"], run.gen)
     for k in ("epoch", "step", "best_acc", "best_epoch", "bad_epochs", "plan", "recall"):

@@ -256,7 +256,7 @@ def set_up(cfg, given, resume):
         epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None,
         partial=torch.zeros(3, device=device), finished=False)
     if ckpt is not None:
-        runs.restore(run, ckpt)
+        runs.restore(run, ckpt, path)
     run.loss_fn = make_loss(cfg, class_weights(cfg, device, run.recall))
     if runtime.RANK == 0:
         runs.start_log(run, ckpt is not None)

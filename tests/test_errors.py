@@ -1,16 +1,24 @@
 """Every input a user can get wrong gives one clear line, a non-zero exit and no traceback."""
 import errno
 import os
+import pickle
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 import checkpoint
+import dataset
 import models
 from dataset import UserError
-from conftest import base_args, run_cli
+from conftest import ROOT, base_args, run_cli
 
 
 def csv_path(d, split="train"):
@@ -26,8 +34,29 @@ def first_id(d, split="train"):
     return open(csv_path(d, split)).read().splitlines()[1].split(",")[0]
 
 
+def png_header(path, width, height):
+    """A PNG that declares width x height but holds no pixels: Pillow checks the size when it opens it."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def replace_image(d, make, split="train"):
+    path = os.path.join(d, split, first_id(d, split) + ".png")
+    os.remove(path)
+    make(path)
+
+
 # (name, how to damage the data copy, what the message must mention)
 CASES = [
+    ("image over Pillow's size limit", lambda d: png_header(os.path.join(d, "train", first_id(d) + ".png"), 20000, 10000),
+     "cannot be read as an image (DecompressionBombError)"),  # was PIL's traceback
+    ("dangling symlink as image", lambda d: replace_image(d, lambda p: os.symlink(p + ".gone", p)),
+     "1 image(s) listed in"),  # was a FileNotFoundError traceback
+    ("folder as image", lambda d: replace_image(d, os.mkdir, "validation"), "1 image(s) listed in"),
+    ("data dir is a file", lambda d: (shutil.rmtree(d), open(d, "w").write("x")), "is a file, not a folder"),
     ("no data folder", lambda d: shutil.rmtree(d), "data folder"),
     ("no csv", lambda d: os.remove(csv_path(d, "validation")), "validation.csv not found"),
     ("no label column", lambda d: rewrite(csv_path(d), lambda l: ["image_id,klass"] + l[1:]), "no column label"),
@@ -65,6 +94,8 @@ def test_bad_data_gives_one_line(name, damage, expect, copy_data, tmp_path, run_
     assert expect in lines[0]
     if name not in ("no data folder",):
         assert copy_data in lines[0]  # it names the file or folder
+    if name == "image over Pillow's size limit":
+        assert os.path.join(copy_data, "train", first_id(copy_data) + ".png") in lines[0]
     assert not os.path.exists(tmp_path / "runs")  # failed before any run folder was made
 
 
@@ -129,6 +160,56 @@ def test_checkpoint_of_another_architecture(tiny_data, tmp_path, run_main):
     assert rc == 2 and "does not fit the 'three' architecture" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_pillow_warning_turned_error_is_the_same_one_line(tmp_path):
+    """python -W error: Pillow's DecompressionBombWarning (an image over its limit but under twice it) raises."""
+    path = str(tmp_path / "big.png")
+    png_header(path, 10000, 9000)  # 90 million pixels: over Pillow's 89.5 million
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=r"big.png cannot be read as an image \(DecompressionBombWarning\)"):
+            dataset.decode_image(path)
+
+
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    from PIL import Image
+    gray = (np.arange(100 * 100).reshape(100, 100) * 6).astype(np.uint16)  # 0 .. 59,994
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    rgb = np.asarray(dataset.decode_image(str(tmp_path / "g16.png"))).astype(int)
+    assert rgb.shape == (100, 100, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0] - gray / 257).max() <= 0.5  # Pillow's own conversion: 254.4 of 255 on average
+
+
+def test_resume_of_weights_of_another_architecture_is_one_line(tiny_data, tmp_path, run_main):
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
+    assert rc == 0, err
+    run = tmp_path / "runs" / "r"
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    ckpt.update(finished=False, epochs=3, state_dict=models.SkipConCNN().state_dict())  # says three, holds skip
+    checkpoint.save(ckpt, str(run / "last.pth"))
+    before = {f: (run / f).read_bytes() for f in ("last.pth", "best.pth", "log.csv", "config.json")}
+    rc, _, err = run_main(["--resume", run, "--epochs", "3"])
+    assert rc == 2 and "Traceback" not in err and err.strip().splitlines() == [err.strip()]
+    assert f"checkpoint {run / 'last.pth'} does not fit the 'three' architecture" in err
+    assert {f: (run / f).read_bytes() for f in before} == before  # nothing written or overwritten
+
+
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path):
+    """SIGINT as soon as the program runs: while it is still importing (numpy, pandas, torch)."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, "main.py"), "--model", "three",
+                             "--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stderr:  # -X importtime prints a line as each module finishes importing
+        if line.rstrip().endswith("| recipes"):  # main.py's own imports are done: it is in main() now
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = [l for l in err.splitlines() if not l.startswith("import time:")]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert lines == ["interrupted; the checkpoints already written are intact"]
+    assert not os.path.exists(tmp_path / "runs")
+
+
 @pytest.mark.parametrize("kind", ["truncated", "random bytes", "not a checkpoint"])
 def test_corrupt_checkpoint(kind, tiny_data, tmp_path, run_main):
     path = tmp_path / "bad.pth"
@@ -138,12 +219,23 @@ def test_corrupt_checkpoint(kind, tiny_data, tmp_path, run_main):
     elif kind == "random bytes":
         for seed in range(200):  # random bytes reach many parts of the unpickler: each must give the one line
             path.write_bytes(bytes(np.random.default_rng(seed).integers(0, 256, 2000, dtype=np.uint8)))
-            with pytest.raises(UserError, match="truncated or corrupt|corrupt"):
+            with pytest.raises(UserError, match="truncated or corrupt|corrupt") as e:
                 checkpoint.load(str(path))
+            assert "pickled code" not in str(e.value)  # that is said of real pickles only (below)
     else:
         torch.save({"weights": torch.zeros(3)}, path)
     rc, _, err = run_main(base_args(tiny_data, tmp_path) + ["--predict", path])
     assert rc == 2 and str(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_plain_pickle_with_code_is_said_to_hold_pickled_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(pickle.dumps({"model": "three", "x": Payload()}, protocol=4))  # not torch.save's zip format
+    with pytest.raises(UserError, match="holds pickled code and was refused"):
+        checkpoint.load(str(path))
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line(tiny_data, tmp_path, run_main, monkeypatch):
