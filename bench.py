@@ -190,7 +190,7 @@ def memory_table(names):
     return rows
 
 
-def main_bench(argv=None):
+def bench_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=recipes.DEMO_DIR)
     p.add_argument("--models", default=None, help="comma list (default: three,skip,ensemble)")
@@ -208,50 +208,40 @@ def main_bench(argv=None):
     p.add_argument("--memory", action="store_true", help="only the GPU memory table (seconds, no GPU needed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model as main.py --compile "
                    "does (on one GPU with CUDA graphs); the first steps, which compile, are not timed")
-    a = p.parse_args(argv)
-    all_models = (a.models or "three,skip,ensemble").split(",")
-    if a.memory:
-        return memory_table(all_models)
-    if a.data_dir == recipes.DEMO_DIR:
-        demo_data.ensure(recipes.DEMO_DIR)
-    device = torch.device(a.device)
-    torch.backends.cudnn.benchmark = True
-    amp = runtime.amp_dtype({"amp": a.amp}, device)
-    cpu = device.type == "cpu"
-    # --quick on a CPU measures ThreeCNN only: one SkipConCNN step there takes seconds.
-    names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble")).split(",")
-    rounds = a.rounds or (2 if a.quick else 3)
-    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
-                                  and k in torch.cuda.get_device_name(device)), None)
-    dev_name = runtime.device_name(device)
-    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}"
-          f"{', compiled' if a.compile else ''}; {rounds} alternating rounds, median shown")
+    return p
 
-    def loaders(batch, train, kind):
-        return dataloader.make_batches(a.data_dir, "train", batch, train, device, loader=kind, cache_dir=a.cache_dir,
-                                       workers=a.workers, log=lambda *m: None)
 
-    def steps_for(name, stage):  # fewer steps for the heavy models on a CPU
-        heavy = name in ("skip", "ensemble")
+class Bench:
+    """The two paths measured side by side, in alternating rounds (drift hits both); one row per stage."""
+
+    def __init__(self, a, device, amp, rounds, peak):
+        self.a, self.device, self.amp, self.rounds, self.peak = a, device, amp, rounds, peak
+        self.cpu, self.rows = device.type == "cpu", []
+        self.gen = torch.Generator().manual_seed(0)
+
+    def loaders(self, batch, train, kind):
+        a = self.a
+        return dataloader.make_batches(a.data_dir, "train", batch, train, self.device, loader=kind,
+                                       cache_dir=a.cache_dir, workers=a.workers, log=lambda *m: None)
+
+    def steps_for(self, name, stage):  # fewer steps for the heavy models on a CPU
+        heavy, quick = name in ("skip", "ensemble"), self.a.quick
         if stage == "input":
-            return 40 if a.quick else 150
-        if cpu:
-            return (1 if a.quick else 3) if heavy else (8 if a.quick else 30)
+            return 40 if quick else 150
+        if self.cpu:
+            return (1 if quick else 3) if heavy else (8 if quick else 30)
         return 30 if heavy else 200
 
-    rows = []
-
-    def measure(stage, name, make_baseline, make_fast, batch_b, batch_f, extra=None):
-        res = {"baseline": [], "fast": []}
-        mem = {}
-        for _ in range(rounds):
+    def measure(self, stage, name, make_baseline, make_fast, batch_b, batch_f, extra=None):
+        device, res, mem = self.device, {"baseline": [], "fast": []}, {}
+        for _ in range(self.rounds):
             for variant, make in (("baseline", make_baseline), ("fast", make_fast)):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 # The fast input pipeline takes ~1 ms a batch: 5x the steps, so its figure is not one of 30 ms.
-                steps = steps_for(name, stage) * (5 if stage == "input" and variant == "fast" else 1)
+                steps = self.steps_for(name, stage) * (5 if stage == "input" and variant == "fast" else 1)
                 # Warm-up: worker start-up and cuDNN's autotuning; compiling, and CUDA graphs' recording, take 3.
-                warmup = 2 if stage == "input" else 3 if a.compile and variant == "fast" else 1
+                warmup = 2 if stage == "input" else 3 if self.a.compile and variant == "fast" else 1
                 res[variant].append(timed(make(), steps, warmup, device))
                 if device.type == "cuda":  # the highest of the rounds: a compiled model allocates its CUDA
                     # graphs' memory while recording them (round 1) and replays it unseen by these counters
@@ -263,46 +253,73 @@ def main_bench(argv=None):
             row.update(extra(row))
         if mem:
             row.update(baseline_peak_mib=mem["baseline"], fast_peak_mib=mem["fast"])
-        rows.append(row)
+        self.rows.append(row)
         print(f"{stage:<6} {name:<9} baseline {row['baseline_img_s']:9.1f} img/s   fast {row['fast_img_s']:9.1f} img/s"
               f"   x{row['ratio']:6.2f}" + "".join(f"   {k} {v:.3g}" for k, v in row.items() if k.endswith(("tflops", "mfu", "mib"))))
 
-    # input pipeline: the report's train loader against the decoded tensor with batched augmentation
-    gen = torch.Generator().manual_seed(0)
-    slow_in, fast_in = loaders(16, True, "images"), loaders(16, True, "tensors")
-    measure("input", "-", lambda: input_steps(slow_in, gen), lambda: input_steps(fast_in, gen), 16, 16)
+    def flops_extra(self, model, train):
+        fpi = flops_per_image(model, self.device, train)
 
-    for name in names:
+        def extra(row):
+            out = {"gflop_per_image": fpi / 1e9, "fast_tflops": fpi * row["fast_img_s"] / 1e12}
+            if self.peak:
+                out["fast_mfu"] = out["fast_tflops"] / self.peak
+            return out
+        return extra
+
+    def input_rows(self):
+        """The report's train loader against the decoded tensor with batched augmentation."""
+        slow_in, fast_in = self.loaders(16, True, "images"), self.loaders(16, True, "tensors")
+        self.measure("input", "-", lambda: input_steps(slow_in, self.gen), lambda: input_steps(fast_in, self.gen), 16, 16)
+
+    def model_rows(self, name):
+        a, device, amp, gen = self.a, self.device, self.amp, self.gen
         batch = a.batch_size or recipes.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
         fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
         fast_run = runtime.compile_model(fast_model, device) if a.compile else fast_model  # FLOPs: on fast_model
-        slow_tr, fast_tr = loaders(batch, True, "images"), loaders(batch, True, "tensors")
-
-        def flops_extra(train):
-            fpi = flops_per_image(fast_model, device, train)
-
-            def extra(row):
-                out = {"gflop_per_image": fpi / 1e9, "fast_tflops": fpi * row["fast_img_s"] / 1e12}
-                if peak:
-                    out["fast_mfu"] = out["fast_tflops"] / peak
-                return out
-            return extra
-        measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
-                lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch, flops_extra(True))
+        slow_tr, fast_tr = self.loaders(batch, True, "images"), self.loaders(batch, True, "tensors")
+        self.measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
+                     lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch,
+                     self.flops_extra(fast_model, True))
         eval_batch = a.batch_size or evaluate.eval_batch_size({**recipes.DEFAULTS, "model": name}, device)
-        slow_ev, fast_ev = loaders(batch, False, "images"), loaders(eval_batch, False, "tensors")
-        measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
-                lambda: infer_steps(fast_run, fast_ev, amp, True, device), batch, eval_batch, flops_extra(False))
+        slow_ev, fast_ev = self.loaders(batch, False, "images"), self.loaders(eval_batch, False, "tensors")
+        self.measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
+                     lambda: infer_steps(fast_run, fast_ev, amp, True, device), batch, eval_batch,
+                     self.flops_extra(fast_model, False))
 
+
+def main_bench(argv=None):
+    a = bench_parser().parse_args(argv)
+    all_models = (a.models or "three,skip,ensemble").split(",")
+    if a.memory:
+        return memory_table(all_models)
+    if a.data_dir == recipes.DEMO_DIR:
+        demo_data.ensure(recipes.DEMO_DIR)
+    device = torch.device(a.device)
+    torch.backends.cudnn.benchmark = True
+    amp = runtime.amp_dtype({"amp": a.amp}, device)
+    # --quick on a CPU measures ThreeCNN only: one SkipConCNN step there takes seconds.
+    cpu = device.type == "cpu"
+    names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble")).split(",")
+    rounds = a.rounds or (2 if a.quick else 3)
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                  and k in torch.cuda.get_device_name(device)), None)
+    dev_name = runtime.device_name(device)
+    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}"
+          f"{', compiled' if a.compile else ''}; {rounds} alternating rounds, median shown")
+    bench = Bench(a, device, amp, rounds, peak)
+    bench.input_rows()
+    for name in names:
+        bench.model_rows(name)
     memory = memory_table(all_models)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev_name, "data_dir": a.data_dir, "quick": a.quick, "rounds": rounds,
-                       "fast_precision": str(amp), "compiled": a.compile, "peak_tflops": peak, "rows": rows,
+                       "fast_precision": str(amp), "compiled": a.compile, "peak_tflops": peak, "rows": bench.rows,
                        "memory": memory}, f, indent=2)
         print(f"wrote {a.json}")
-    return rows
+    return bench.rows
 
 
 if __name__ == "__main__":

@@ -27,16 +27,11 @@ from runtime import log
 # ==============================================================================================
 # Building blocks: model, loss, optimizer, schedule, batch mixing
 
-def ensemble_base_paths(cfg):
-    return (cfg["skip_ckpt"] or os.path.join(cfg["ckpt_dir"], "skip_best.pth"),
-            cfg["three_ckpt"] or os.path.join(cfg["ckpt_dir"], "three_best.pth"))
-
-
 def build_model(cfg):
     """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
     if cfg["model"] != "ensemble":
         return models.build_model(cfg["model"])
-    paths = dict(zip(["skip", "three"], ensemble_base_paths(cfg)))
+    paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth") for name in ("skip", "three")}
     missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
     if missing:
         raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
@@ -295,11 +290,10 @@ def wrap_model(cfg, raw, device):
     if cfg["compile"]:
         model = runtime.compile_model(model, device)
         if device.type == "cpu":
-            log("note: --compile pays on a GPU; on a CPU it trained ThreeCNN slower than without "
-                "(docs/performance.md)")
+            log("note: --compile pays on a GPU; on a CPU it trained ThreeCNN slower than without (docs/performance.md)")
     if cfg["preset"] == "fast" and device.type == "cpu":
-        log("note: --preset fast pays on a GPU; on a CPU ThreeCNN trained slower per image at batch 256 than at "
-            "the report's 16 (docs/performance.md), so --preset report is faster here")
+        log("note: --preset fast pays on a GPU; on a CPU ThreeCNN trained slower per image at batch 256 than at the "
+            "report's 16 (docs/performance.md), so --preset report is faster here")
     if runtime.WORLD > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model

@@ -1,0 +1,108 @@
+"""The measured results: docs/results.csv (one row per run) rendered as the tables users read.
+
+    python results.py            rewrite docs/results.md and the summary table in README.md from the CSV
+    python results.py --check    exit 1 when either is out of step with the CSV (the tests run this)
+
+A row: date, machine, model, recipe, command, seed, epochs, minutes, val_acc (%), class4_recall,
+selected_on_val (yes: the reported checkpoint was chosen by validation accuracy, as the report's recipe
+does; no: a fixed schedule's final or EMA weights, or a choice made on images held out of train).
+sweep.py --record appends rows here.
+"""
+import argparse
+import csv
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSV = os.path.join(ROOT, "docs", "results.csv")
+MD = os.path.join(ROOT, "docs", "results.md")
+README = os.path.join(ROOT, "README.md")
+FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc",
+          "class4_recall", "selected_on_val"]
+BEGIN, END = "<!-- results summary: made by results.py from docs/results.csv -->", "<!-- end of results summary -->"
+MODEL_NAMES = {"three": "ThreeCNN", "skip": "SkipConCNN", "ensemble": "EnsembleCNN"}
+
+
+def read_rows(path=CSV):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_rows(rows, path=CSV):
+    """Add runs to the CSV (each a dict with FIELDS), writing the header when the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+
+
+def spread(values, digits=2):
+    """'91.92' for one value (or several equal ones), 'mean ± std (min-max)' for several."""
+    v = [float(x) for x in values if x != ""]
+    if not v:
+        return ""
+    if min(v) == max(v):
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def summary_table(rows):
+    """One line per machine, model and recipe: runs, accuracy (mean ± std over seeds), time."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["machine"], r["model"], r["recipe"]), []).append(r)
+    out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for (machine, model, recipe), g in groups.items():
+        out.append(f"| {MODEL_NAMES.get(model, model)} | {recipe} | {machine} | {len(g)} | {spread(r['val_acc'] for r in g)} "
+                   f"| {spread((r['class4_recall'] for r in g), 3)} | {spread((r['epochs'] for r in g), 0)} "
+                   f"| {spread((r['minutes'] for r in g), 1)} | {'/'.join(sorted({r['selected_on_val'] for r in g}))} |")
+    return out
+
+
+def results_md(rows):
+    lines = ["# Results", "", "Every run measured, one row of `docs/results.csv` each (this file is made from it by",
+             "`python results.py`). `<real data>` is the competition data in the Kaggle layout. Accuracy is on the",
+             "1,250 validation images (200 for the demo set); `chosen on val`: yes when the reported checkpoint was",
+             "chosen by that same validation accuracy (the report's recipe does so), no for a fixed schedule's",
+             "final or EMA weights or a choice on images held out of train. Minutes: the whole command where known,",
+             "else its epochs; empty where not recorded.", "", "## By model and recipe", ""]
+    lines += summary_table(rows)
+    lines += ["", "## Every run", "", "| date | machine | model | recipe | command | seed | epochs | minutes | val acc % "
+              "| class-4 recall | chosen on val |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(f"`{r[k]}`" if k == "command" else r[k] for k in FIELDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_with_summary(text, rows):
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{README} has no results block ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    return head + BEGIN + "\n" + "\n".join(summary_table(rows)) + "\n" + END + tail
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that docs/results.md and README.md are in step")
+    a = p.parse_args(argv)
+    rows = read_rows()
+    want = {MD: results_md(rows), README: readme_with_summary(open(README).read(), rows)}
+    stale = [path for path, text in want.items() if not os.path.exists(path) or open(path).read() != text]
+    if a.check:
+        for path in stale:
+            print(f"{os.path.relpath(path, ROOT)} is out of step with docs/results.csv: run python results.py")
+        return 1 if stale else 0
+    for path in stale:
+        with open(path, "w") as f:
+            f.write(want[path])
+        print(f"wrote {os.path.relpath(path, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
