@@ -161,6 +161,9 @@ def start_log(run, resumed):
                "world_size": runtime.WORLD, "torch": torch.__version__}
     checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
     write_log(run.log_csv, kept_log_rows(run.log_csv, run.epoch) if resumed else [])
+    note = runtime.precision_note(cfg, device, amp)
+    if note:
+        log(note)
     log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
         f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
         f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")

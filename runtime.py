@@ -103,6 +103,15 @@ def amp_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
+def precision_note(cfg, device, amp):
+    """The line a run on a CPU without bf16 instructions prints once: it trains in fp32, and why."""
+    if device.type != "cpu" or amp is not None or cfg["amp"] != "auto" or cpu_has_bf16():
+        return None
+    return ("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it trains in fp32: bf16 emulated in "
+            "software would be slower still. Expect several times the epoch time of a bf16 CPU, and a small "
+            "fraction of it on a GPU, where the real speed is (docs/performance.md)")
+
+
 # ==============================================================================================
 # Reproducibility and compilation
 

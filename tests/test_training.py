@@ -258,3 +258,14 @@ def test_compile_that_fails_says_so_in_one_line(tiny_data, tmp_path, run_main, m
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()] and err.startswith("error: --compile failed on this machine (")
     assert "No working C++ compiler found" in err and err.strip().endswith("run again without --compile")
+
+
+def test_a_cpu_without_bf16_says_once_that_it_trains_in_fp32(tiny_data, tmp_path, run_main, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "2"))
+    assert rc == 0, err
+    assert out.count("no bf16 instructions") == 1 and "trains in fp32" in out and "GPU" in out
+    assert "precision fp32" in out
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # with bf16 (or --amp given): no note
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--run-name", "r2"))
+    assert rc == 0 and "no bf16 instructions" not in out and "precision bfloat16" in out
