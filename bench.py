@@ -34,9 +34,9 @@ import demo_data
 import evaluate
 import main
 import models
+import optim
 import recipes
 import runtime
-import train
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
@@ -71,7 +71,7 @@ def input_steps(loader, gen):
 
 def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True, fused=True):
     """Training steps as main.py takes them (fused Adam); fused=False: PyTorch's default Adam, as the report's code."""
-    opt = (train.make_optimizer(model.parameters(), 1e-4) if fused else
+    opt = (optim.make_optimizer(model.parameters(), 1e-4) if fused else
            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=grad_scaler and amp == torch.float16)
     model.train()
@@ -193,7 +193,7 @@ def memory_table(names):
 def bench_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=recipes.DEMO_DIR)
-    p.add_argument("--models", default=None, help="comma list (default: three,skip,ensemble)")
+    p.add_argument("--models", default=None, help="comma list (default: three,skip,ensemble,res)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--workers", type=int, default=recipes.DEFAULTS["workers"], help="baseline DataLoader workers "
@@ -291,7 +291,7 @@ class Bench:
 
 def main_bench(argv=None):
     a = bench_parser().parse_args(argv)
-    all_models = (a.models or "three,skip,ensemble").split(",")
+    all_models = (a.models or "three,skip,ensemble,res").split(",")
     if a.memory:
         return memory_table(all_models)
     if a.data_dir == recipes.DEMO_DIR:
@@ -301,7 +301,7 @@ def main_bench(argv=None):
     amp = runtime.amp_dtype({"amp": a.amp}, device)
     # --quick on a CPU measures ThreeCNN only: one SkipConCNN step there takes seconds.
     cpu = device.type == "cpu"
-    names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble")).split(",")
+    names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble,res")).split(",")
     rounds = a.rounds or (2 if a.quick else 3)
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                   and k in torch.cuda.get_device_name(device)), None)

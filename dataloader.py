@@ -205,17 +205,21 @@ _NOTES_GIVEN = set()
 
 
 def make_batches(data_dir, split, batch_size, train, device, loader="tensors", cache_dir=None, workers=4,
-                 pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print):
-    """The loader for one split. loader: 'tensors' (fast, falls back to 'images' over the memory budget)
-    or 'images' (the report's per-image path)."""
+                 pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print, rows=None):
+    """The loader for one split (or for `rows` of it: --holdout's parts of train). loader: 'tensors' (fast,
+    falls back to 'images' over the memory budget) or 'images' (the report's per-image path)."""
     if loader == "tensors":
         nbytes = dataset.split_nbytes(len(dataset.read_split_csv(data_dir, split)))
         if nbytes <= max_memory_gb * 2**30:
             data = dataset.load_split_tensors(data_dir, split, cache_dir, log=log)
-            return TensorBatches(data["images"], data["labels"], data["ids"], batch_size, train, device, shard)
+            images, labels, ids = data["images"], data["labels"], data["ids"]
+            if rows is not None:
+                rows_t = torch.as_tensor(rows, dtype=torch.long)
+                images, labels, ids = images[rows_t], labels[rows_t], [ids[i] for i in rows]
+            return TensorBatches(images, labels, ids, batch_size, train, device, shard)
         if (data_dir, split) not in _NOTES_GIVEN:  # a split loaded twice (to train, then to report) says it once
             _NOTES_GIVEN.add((data_dir, split))
             log(f"note: {split} ({nbytes / 2**20:,.0f} MB decoded) exceeds --max-memory-gb {max_memory_gb}; "
                 "using the per-image loader")
-    data = dataset.CsvImageDataset(data_dir, split, report_transform(train))
+    data = dataset.CsvImageDataset(data_dir, split, report_transform(train), rows)
     return ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)

@@ -82,6 +82,18 @@ def check_data(data_dir):
     return rows
 
 
+def holdout_split(labels, fraction, seed):
+    """(rows to train on, rows held out): `fraction` of each class held out, drawn with `seed`, both sorted.
+    Stratified, so the held-out rows have the classes in train.csv's proportions; the same labels, fraction
+    and seed always give the same split (a resumed run finds its own again)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:round(fraction * (labels == c).sum())]
+            for c in range(NUM_CLASSES)]
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding and decoding images
 
@@ -135,8 +147,10 @@ class CsvImageDataset:
     """One image at a time from disk (the report's path): (image, label), or (image, image_id) for test.
     A map-style dataset for torch's DataLoader (it needs only __len__ and __getitem__)."""
 
-    def __init__(self, data_dir, split, transform=None):
+    def __init__(self, data_dir, split, transform=None, rows=None):
         df = read_split_csv(data_dir, split)
+        if rows is not None:  # a part of the split (--holdout): these rows, in this order
+            df = df.iloc[rows].reset_index(drop=True)
         self.split = split
         self.ids = df["image_id"].tolist()
         self.labels = df["label"].tolist() if "label" in df else None

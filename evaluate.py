@@ -33,15 +33,22 @@ def eval_batch_size(cfg, device):
 
 
 def loaders_for(cfg, device, splits, train_split=None, sharded=True):
-    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch."""
+    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch. With --holdout,
+    the training split loses its held-out rows, and "holdout" (a split name here) is those rows, judged as
+    validation is."""
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
               pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log)
+    parts = {}
+    if cfg.get("holdout") and ("holdout" in splits or train_split == "train"):
+        labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()
+        parts["train"], parts["holdout"] = dataset.holdout_split(labels, cfg["holdout"], cfg["seed"])
     out = {}
     for split in splits:
         train = split == train_split
         bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
-        out[split] = dataloader.make_batches(cfg["data_dir"], split, bs, train,
-                                             shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1), **kw)
+        out[split] = dataloader.make_batches(cfg["data_dir"], "train" if split == "holdout" else split, bs, train,
+                                             shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1),
+                                             rows=parts.get(split), **kw)
     return out
 
 

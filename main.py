@@ -39,13 +39,21 @@ def build_parser():
     g.add_argument("--summary", action="store_true", help="print the model's layer table and exit")
     g.add_argument("--resume", metavar="PATH", nargs="?", const="latest",
                    help="continue a run: a run folder or last.pth (default: the latest run of --model)")
-    a("--model", choices=list(RECIPES), help="three (ThreeCNN), skip (SkipConCNN) or ensemble (EnsembleCNN)")
+    a("--model", choices=list(RECIPES), help="three (ThreeCNN), skip (SkipConCNN), ensemble (EnsembleCNN) or res "
+                                             "(ResCNN, ours, not the report's)")
     a("--data-dir", help="folder with train.csv, validation.csv, test.csv and the image folders (default: dataset)")
     a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent), "
                                           f"{DEMO_EPOCHS} epochs unless --epochs is given (a resumed run keeps its own)")
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
-                                              "for a GPU) or best (experimental)")
-    r = p.add_argument_group("the recipe (defaults: the report's table for --model)")
+                                              "for a GPU), best (experimental) or strong (AdamW, warmup + cosine, "
+                                              "EMA, TTA, final weights; the default of --model res)")
+    add_recipe_flags(p.add_argument_group("the recipe (defaults: the report's table for --model)"))
+    add_machine_flags(p.add_argument_group("speed and machine"))
+    add_file_flags(p.add_argument_group("files"))
+    return p
+
+
+def add_recipe_flags(r):
     r.add_argument("--batch-size", type=int)
     r.add_argument("--lr", type=float)
     r.add_argument("--weight-decay", type=float)
@@ -54,7 +62,15 @@ def build_parser():
     r.add_argument("--plateau-factor", type=float, help="ReduceLROnPlateau factor")
     r.add_argument("--epochs", type=int)
     r.add_argument("--early-stop", type=int, help="stop after this many epochs without a better val accuracy")
-    r.add_argument("--scheduler", choices=["plateau", "cosine"])
+    r.add_argument("--optimizer", choices=["adam", "adamw"], help="adam (the report's; weight decay as L2) or adamw "
+                   "(decoupled weight decay)")
+    r.add_argument("--scheduler", choices=["plateau", "cosine", "warmup_cosine"], help="plateau (the report's, on the "
+                   "selection metric), cosine over --epochs, or a linear warmup of --warmup epochs then a cosine")
+    r.add_argument("--warmup", type=int, metavar="EPOCHS", help="warmup epochs of --scheduler warmup_cosine")
+    r.add_argument("--holdout", type=float, metavar="FRACTION", help="hold out this fraction of train.csv (stratified, "
+                   "by --seed; never trained on) to choose the checkpoint on, instead of validation")
+    r.add_argument("--select", choices=["val", "holdout", "last"], help="which checkpoint is best.pth: the best "
+                   "validation accuracy (the report's), the best on --holdout's rows, or the final weights")
     r.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999); 0 = off")
     r.add_argument("--class-weights", metavar="auto|W0,..,W4", help="weight the loss per class; auto = from the "
                    "last validation recall")
@@ -63,7 +79,9 @@ def build_parser():
     r.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix with this alpha (0 = off)")
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation in evaluation")
     r.add_argument("--seed", type=int)
-    s = p.add_argument_group("speed and machine")
+
+
+def add_machine_flags(s):
     s.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     s.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (default auto)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
@@ -80,14 +98,15 @@ def build_parser():
                    "256 for three, 64 for skip and ensemble, to fit 4 GB; 16 on a CPU)")
     s.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic algorithms")
     s.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, help="autograd anomaly detection")
-    o = p.add_argument_group("files")
+
+
+def add_file_flags(o):
     o.add_argument("--out-dir", help="where run folders go (default runs)")
     o.add_argument("--run-name", help="the run folder's name (default <model>-<timestamp>)")
     o.add_argument("--ckpt-dir", help="where each model's best checkpoint is kept (default models_pth)")
     o.add_argument("--skip-ckpt", help="the ensemble's SkipConCNN base (default CKPT_DIR/skip_best.pth)")
     o.add_argument("--three-ckpt", help="the ensemble's ThreeCNN base (default CKPT_DIR/three_best.pth)")
     o.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="one line per epoch, no progress bars")
-    return p
 
 
 def parse_args(argv):

@@ -110,8 +110,9 @@ def plot_confusion(rep, path):
 
 
 def read_log(path):
+    """log.csv's rows as numbers (a column a run does not have, such as holdout_acc without --holdout: None)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_curves(log_csv, path):
@@ -123,6 +124,8 @@ def plot_curves(log_csv, path):
     axes[0].plot(ep, [r["val_loss"] for r in rows], label="validation")
     axes[1].plot(ep, [100 * r["train_acc"] for r in rows], label="train")
     axes[1].plot(ep, [100 * r["val_acc"] for r in rows], label="validation")
+    if rows and rows[-1].get("holdout_acc") is not None:
+        axes[1].plot(ep, [100 * r["holdout_acc"] for r in rows], label="held-out train rows")
     axes[2].plot(ep, [r["lr"] for r in rows])
     axes[2].set_yscale("log")
     for ax, t in zip(axes, ["loss", "accuracy (%)", "learning rate"]):

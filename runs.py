@@ -17,12 +17,13 @@ import torch
 import checkpoint
 import dataset
 import models
+import optim
 import runtime
 from errors import DISK_ERRORS, UserError
 from recipes import RESUME_MAY_CHANGE
 from runtime import log
 
-LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
 
 # Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
 PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "ckpt_dir", "skip_ckpt", "three_ckpt")
@@ -230,18 +231,12 @@ def promote(best, cfg):
 # ==============================================================================================
 # A run's state in last.pth / best.pth, and back
 
-def load_optimizer_state(opt, state):
-    """Adam's saved state, run fused whatever implementation wrote it (a checkpoint of PyTorch's default Adam
-    says fused=None). The flag is set in the saved groups before loading, because loading reads it there:
-    fused Adam keeps its step counters on the GPU beside the weights, the default Adam on the CPU."""
-    groups = [{**g, "fused": True, "foreach": None} for g in state["param_groups"]]
-    opt.load_state_dict({**state, "param_groups": groups})
 
 def restore(run, ckpt, path):
     """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
     cfg, sched, opt = run.cfg, run.sched, run.opt
     checkpoint.load_weights(run.raw, ckpt, path)
-    load_optimizer_state(opt, ckpt["optimizer"])
+    optim.load_optimizer_state(opt, ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
         # --epochs changed on resume: from here on the rate is that of a cosine over the new number of

@@ -1,6 +1,6 @@
-"""The training run: the loss, optimizer, schedule and batch mixing; one epoch; the loop with the plateau
-schedule and early stopping; a checkpoint every epoch; Ctrl-C / SIGTERM; the end of a run (report,
-submission, best checkpoint promoted).
+"""The training run: one epoch of steps, the loop with the plateau schedule and early stopping, a checkpoint
+every epoch, Ctrl-C / SIGTERM, and the end of a run (report, submission, best checkpoint promoted). What a
+step is made of (model, loss, optimizer, schedule, batch mixing) is in optim.py.
 
     train(cfg, given, resume)      set_up -> [one_epoch -> end_of_epoch] x epochs -> finish
 """
@@ -11,94 +11,15 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import checkpoint
 import dataset
 import evaluate
-import models
+import optim
 import report
 import runs
 import runtime
 from errors import UserError
-from recipes import fixed_class_weights
 from runtime import log
-
-# ==============================================================================================
-# Building blocks: model, loss, optimizer, schedule, batch mixing
-
-def build_model(cfg):
-    """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
-    if cfg["model"] != "ensemble":
-        return models.build_model(cfg["model"])
-    paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth") for name in ("skip", "three")}
-    missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
-                        f"with 'python main.py --model skip' and '--model three', or pass --skip-ckpt/--three-ckpt")
-    bases = {}
-    for name, path in paths.items():
-        ckpt = checkpoint.load(path, expect_model=name)
-        bases[name] = models.build_model(name)
-        checkpoint.load_weights(bases[name], {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
-    return models.EnsembleCNN(bases["skip"], bases["three"])
-
-
-def make_loss(cfg, weights=None):
-    if cfg["focal_gamma"]:
-        gamma, ls = cfg["focal_gamma"], cfg["label_smoothing"]
-
-        def focal(logits, target):  # focal loss: down-weights the easy examples by (1 - p)^gamma
-            logp = F.log_softmax(logits.float(), 1)
-            if target.dim() == 1:
-                target = F.one_hot(target, logp.shape[1]).float()
-            target = target * (1 - ls) + ls / logp.shape[1]
-            loss = -(target * (1 - logp.exp()) ** gamma * logp)
-            if weights is not None:
-                loss = loss * weights
-            return loss.sum(1).mean()
-        return focal
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg["label_smoothing"])
-
-
-def class_weights(cfg, device, recall=None):
-    cw = cfg["class_weights"]
-    if not cw:
-        return None
-    if cw == "auto":  # weight each class by how badly it was recalled at the last validation
-        if recall is None:
-            return None
-        r = torch.tensor(recall, dtype=torch.float32).clamp_min(0.05)
-        w = (1 / r) / (1 / r).mean()
-        return w.clamp(0.5, 2.0).to(device)
-    return torch.tensor(fixed_class_weights(cw), device=device)
-
-
-def make_optimizer(params, lr, weight_decay=0.0):
-    """Adam, fused: one kernel updates every parameter. The default (a loop over the parameters on a CPU)
-    takes several times as long there (bench.py measures both); on a GPU fused is the library's fastest Adam
-    too, and works with the GradScaler."""
-    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
-
-
-
-def make_scheduler(cfg, opt):
-    if cfg["scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=cfg["plateau_patience"],
-                                                      factor=cfg["plateau_factor"])
-
-
-def make_mix(cfg):
-    """mixup/cutmix on whole batches (torchvision.transforms.v2); returns None when both are off."""
-    from torchvision.transforms import v2
-    ops = []
-    if cfg["mixup"]:
-        ops.append(v2.MixUp(alpha=cfg["mixup"], num_classes=dataset.NUM_CLASSES))
-    if cfg["cutmix"]:
-        ops.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=dataset.NUM_CLASSES))
-    return v2.RandomChoice(ops) if ops else None
-
 
 # ==============================================================================================
 # One epoch
@@ -230,29 +151,30 @@ def set_up(cfg, given, resume):
     data_rows = dataset.check_data(cfg["data_dir"])
     if ckpt is not None:
         runs.check_resume_data(ckpt, data_rows, cfg, path)
-    tr, va = load_data(cfg, device)
-    raw = build_model(cfg).to(device)
+    tr, va, held = load_data(cfg, device)
+    raw = optim.build_model(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
         runs.check_output(cfg, run_dir, raw)
-    opt = make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"])
+    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg.get("optimizer", "adam"))
     ema = None
     if cfg["ema"]:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
     run = SimpleNamespace(
         cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
-        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=make_scheduler(cfg, opt), ema=ema,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=make_mix(cfg),
+        holdout_batches=held,
+        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt), ema=ema,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=optim.make_mix(cfg),
         run_dir=run_dir, last=os.path.join(run_dir, "last.pth"), log_csv=os.path.join(run_dir, "log.csv"),
         # the counters: what last.pth saves besides the weights, and where a resumed run goes on
         epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None,
         partial=torch.zeros(3, device=device), finished=False)
     if ckpt is not None:
         runs.restore(run, ckpt, path)
-    run.loss_fn = make_loss(cfg, class_weights(cfg, device, run.recall))
+    run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, device, run.recall))
     if runtime.RANK == 0:
         runs.start_log(run, ckpt is not None)
     return run
@@ -262,15 +184,20 @@ def load_data(cfg, device):
     """The train and validation batches. Decoded (and so checked) before any run folder exists: a bad image
     costs seconds, not a run. The test split too, though it is predicted only at the end: into the decode
     cache, where the end finds it."""
+    splits = ["train", "validation"] + (["holdout"] if cfg.get("holdout") else [])
+
     def load():
         dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
-        return evaluate.loaders_for(cfg, device, ["train", "validation"], train_split="train")
+        return evaluate.loaders_for(cfg, device, splits, train_split="train")
     loaders = runtime.first_on_each_machine(load)
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
                         f"lower --batch-size")
-    return tr, va
+    if "holdout" in loaders:
+        log(f"holding out {loaders['holdout'].n} of train.csv's rows (--holdout {cfg['holdout']}, seed "
+            f"{cfg['seed']}) to choose the checkpoint on; training on the other {tr.n}")
+    return tr, va, loaders.get("holdout")
 
 
 def claim_run_dir(cfg):
@@ -330,21 +257,25 @@ def end_of_epoch(run):
     run.phase = "validate"
     eval_model = run.ema.module if run.ema is not None else run.raw
     val_loss, val_acc, run.recall = evaluate.evaluate_split(eval_model, run.val_batches, cfg, run.device, run.amp)
+    held_acc = ""
+    if run.holdout_batches is not None:  # the selection metric, and the recall --class-weights auto follows
+        _, held_acc, run.recall = evaluate.evaluate_split(eval_model, run.holdout_batches, cfg, run.device, run.amp)
+    score = held_acc if cfg["select"] == "holdout" else val_acc  # what chooses best.pth (not used by 'last')
     lr = run.opt.param_groups[0]["lr"]
     if isinstance(run.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        run.sched.step(val_acc)  # the report's schedule: on validation accuracy, mode max
+        run.sched.step(score)  # the report's schedule: on validation accuracy, mode max
     else:
         run.sched.step()
     if cfg["class_weights"] == "auto":
-        run.loss_fn = make_loss(cfg, class_weights(cfg, run.device, run.recall))
-    improved = val_acc > run.best_acc
+        run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, run.device, run.recall))
+    improved = cfg["select"] == "last" or score > run.best_acc  # last: best.pth is always the latest weights
     if improved:
-        run.best_acc, run.best_epoch, run.bad_epochs = val_acc, run.epoch, 0
+        run.best_acc, run.best_epoch, run.bad_epochs = score, run.epoch, 0
     else:
         run.bad_epochs += 1
     n = run.partial[2].item()
     row = dict(epoch=run.epoch, lr=lr, train_loss=run.partial[0].item() / n, train_acc=run.partial[1].item() / n,
-               val_loss=val_loss, val_acc=val_acc, seconds=time.time() - run.t0)
+               val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
     run.finished = run.bad_epochs >= cfg["early_stop"] or run.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
         if improved:
@@ -352,7 +283,9 @@ def end_of_epoch(run):
         runs.save_state(run, run.last, run.finished)
         runs.write(run, runs.append_log, run.log_csv, row)
         log(f"epoch {run.epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
-            f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%  lr {lr:.2e}  {row['seconds']:.1f}s"
+            f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%" + (f"  holdout acc {100 * held_acc:6.2f}%"
+                                                                        if held_acc != "" else "")
+            + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else f"  ({run.bad_epochs}/{cfg['early_stop']} without gain)")
             + (f"  peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:,.0f} MiB"
                if run.device.type == "cuda" else ""))

@@ -80,7 +80,7 @@ def test_memory_estimate_without_data_equals_the_count_with_real_tensors():
 
 def test_every_preset_and_model_fits_a_4gb_card_at_its_default_batches():
     rows = bench.main_bench(["--memory"])
-    assert {(r["preset"], r["model"]) for r in rows} == {(p, m) for p in recipes.PRESETS for m in ("three", "skip", "ensemble")
+    assert {(r["preset"], r["model"]) for r in rows} == {(p, m) for p in recipes.PRESETS for m in ("three", "skip", "ensemble", "res")
                                                          if m in recipes.PRESET_MODELS.get(p, m)}
     assert ("fast", "three") in {(r["preset"], r["model"]) for r in rows}
     assert all(r["fits_4gb"] and r["data_mib"] > 400 for r in rows)

@@ -10,8 +10,8 @@ import dataloader
 import evaluate
 import main
 import models
+import optim
 import recipes
-import train
 from dataset import UserError
 from conftest import base_args
 
@@ -57,20 +57,20 @@ def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main):
 
 def test_class_weights_auto_and_listed():
     cfg = dict(recipes.DEFAULTS, class_weights="auto")
-    w = train.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
+    w = optim.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
     assert w[4] == w.max() and w[4] > 1 > w[0]
-    assert train.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
-    assert train.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
+    assert optim.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
+    assert optim.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
     with pytest.raises(UserError):
-        train.class_weights(dict(cfg, class_weights="1,2"), "cpu")
+        optim.class_weights(dict(cfg, class_weights="1,2"), "cpu")
 
 
 def test_focal_loss():
     logits = torch.tensor([[4.0, 0, 0, 0, 0], [0.2, 0, 0, 0, 0]])
     y = torch.tensor([0, 0])
-    ce = train.make_loss(dict(recipes.DEFAULTS, label_smoothing=0.0))
-    f0 = train.make_loss(dict(recipes.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
-    f2 = train.make_loss(dict(recipes.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
+    ce = optim.make_loss(dict(recipes.DEFAULTS, label_smoothing=0.0))
+    f0 = optim.make_loss(dict(recipes.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
+    f2 = optim.make_loss(dict(recipes.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
     assert torch.allclose(f0(logits, y), ce(logits, y), atol=1e-6)
     per = [f2(logits[i:i + 1], y[i:i + 1]) / ce(logits[i:i + 1], y[i:i + 1]) for i in range(2)]
     assert per[0] < per[1] < 1  # easy examples are down-weighted most
@@ -79,11 +79,11 @@ def test_focal_loss():
 
 
 def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main):
-    mix = train.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
+    mix = optim.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
     x, y = torch.randn(8, 3, 100, 100), torch.arange(8) % 5
     xm, ym = mix(x, y)
     assert xm.shape == x.shape and ym.shape == (8, 5) and torch.allclose(ym.sum(1), torch.ones(8))
-    assert train.make_mix(recipes.DEFAULTS) is None
+    assert optim.make_mix(recipes.DEFAULTS) is None
     rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "1",
                                     "--focal-gamma", "2", "--class-weights", "auto"))
     assert rc == 0, err

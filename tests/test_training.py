@@ -11,10 +11,10 @@ import checkpoint
 import evaluate
 import main
 import models
+import optim
 import recipes
 import runs
 import runtime
-import train
 from conftest import base_args
 
 
@@ -220,7 +220,7 @@ def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_
     x = torch.randn(4, 3, 100, 100).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 4])
     weights = []
-    for make in (train.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
+    for make in (optim.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
         torch.manual_seed(3)
         model = models.ThreeCNN().to(memory_format=torch.channels_last)
         start = model.features[0].weight.detach().clone()
