@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 
 SIZE = 100
-SPLIT_SIZES = {"train": 800, "validation": 200, "test": 150}  # per split, balanced over 5 classes
+SPLIT_SIZES = {"train": 400, "validation": 100, "test": 50}  # per split, balanced over 5 classes
+# Small and crisp, so that the demo trains to ~90% in 3 epochs (recipes.DEMO_EPOCHS) within a minute on a 2-core
+# CPU without bf16 (docs/performance.md); the artefacts are strong enough to be learned in ~75 steps.
 
 
 def _scene(rng, size):
@@ -52,18 +54,18 @@ def _checker(size, amp):
 
 def make_image(label, rng):
     if label == 0:
-        img = _scene(rng, SIZE // 2).repeat(2, 0).repeat(2, 1) + _checker(SIZE, rng.uniform(4, 8))
+        img = _scene(rng, SIZE // 2).repeat(2, 0).repeat(2, 1) + _checker(SIZE, rng.uniform(12, 24))
     else:
         img = _scene(rng, SIZE)
     if label == 1:
-        img = img + rng.normal(0, rng.uniform(8, 14), img.shape)
+        img = img + rng.normal(0, rng.uniform(24, 42), img.shape)
     elif label == 2:
         img = _blur(img, rng.uniform(1.5, 2.5))
     elif label == 3:
-        blocks = rng.normal(0, 12, (SIZE // 8 + 1, SIZE // 8 + 1, 3))
+        blocks = rng.normal(0, 36, (SIZE // 8 + 1, SIZE // 8 + 1, 3))
         img = img + blocks.repeat(8, 0).repeat(8, 1)[:SIZE, :SIZE]
     elif label == 4:
-        img = img + _checker(SIZE, rng.uniform(2, 4)) + rng.normal(0, rng.uniform(3, 6), img.shape)
+        img = img + _checker(SIZE, rng.uniform(6, 12)) + rng.normal(0, rng.uniform(9, 18), img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
