@@ -39,7 +39,7 @@ def loaders_for(cfg, device, splits, train_split=None, sharded=True):
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
               pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log)
     parts = {}
-    if cfg.get("holdout") and ("holdout" in splits or train_split == "train"):
+    if cfg["holdout"] and ("holdout" in splits or train_split == "train"):
         labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()
         parts["train"], parts["holdout"] = dataset.holdout_split(labels, cfg["holdout"], cfg["seed"])
     out = {}

@@ -20,7 +20,7 @@ import models
 import optim
 import runtime
 from errors import DISK_ERRORS, UserError
-from recipes import RESUME_MAY_CHANGE
+from recipes import DEFAULTS, RESUME_MAY_CHANGE
 from runtime import log
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
@@ -133,7 +133,8 @@ def open_resume(cfg, given, resume):
     if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
         raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth (or its folder)")
     check_resume_config(ckpt["config"], given, path)
-    cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    # Settings added since the run started take their defaults, which are what the run did.
+    cfg = {**DEFAULTS, **ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
     run_dir = os.path.dirname(os.path.abspath(path))
     todo = "train"
     if ckpt["finished"]:

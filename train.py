@@ -117,7 +117,8 @@ def train(cfg, given, resume):
             if stopped is not None:
                 return stopped
             if run.bad_epochs >= run.cfg["early_stop"]:
-                log(f"early stop: no better validation accuracy for {run.bad_epochs} epochs")
+                log(f"early stop: no better {'held-out' if run.cfg['select'] == 'holdout' else 'validation'} "
+                    f"accuracy for {run.bad_epochs} epochs")
                 break
     except NumericalError as e:
         log(f"error: {e}; stopped. The last good checkpoint is {run.last}; try a lower --lr or --amp off, "
@@ -158,7 +159,7 @@ def set_up(cfg, given, resume):
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
         runs.check_output(cfg, run_dir, raw)
-    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg.get("optimizer", "adam"))
+    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
     ema = None
     if cfg["ema"]:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -184,7 +185,7 @@ def load_data(cfg, device):
     """The train and validation batches. Decoded (and so checked) before any run folder exists: a bad image
     costs seconds, not a run. The test split too, though it is predicted only at the end: into the decode
     cache, where the end finds it."""
-    splits = ["train", "validation"] + (["holdout"] if cfg.get("holdout") else [])
+    splits = ["train", "validation"] + (["holdout"] if cfg["holdout"] else [])
 
     def load():
         dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)

@@ -169,3 +169,16 @@ def test_the_campaign_files_are_commands_main_py_accepts(tmp_path):
             recipes.resolve_config(main.parse_args(flags))  # every line is a valid main.py command
     with pytest.raises(SystemExit, match="names its data folder DATA"):
         sweep.read_commands(os.path.join(os.path.dirname(sweep.__file__), "experiments", "campaign.txt"))
+
+
+def test_a_run_from_before_these_settings_resumes_with_their_defaults(tiny_data, tmp_path, run_main):
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    last = tmp_path / "runs" / "r" / "last.pth"
+    ck = torch.load(last, weights_only=True)
+    for k in ("optimizer", "warmup", "select", "holdout"):
+        del ck["config"][k]
+    ck["finished"], ck["config"]["epochs"] = False, 2
+    torch.save(ck, last)
+    rc, out, err = run_main(["--resume", last])
+    assert rc == 0, err
+    assert torch.load(last, weights_only=True)["epoch"] == 2
