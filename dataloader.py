@@ -132,13 +132,11 @@ class _Batches:
 
 # On a GPU, the images of this many steps are gathered and augmented at once, then handed out a batch at a
 # time. Why: at the report's batches (4-16) a GPU step waits on launching its ~130 small kernels, not on
-# running them (H200, ThreeCNN at batch 16: 0.8% MFU), and the augmentation launches ~35 of them whatever the
-# batch size; augmented 256 images at a time, a step's share is ~2 (counted: a ThreeCNN step is ~100 ops).
-# Not on a CPU, where an op costs its work, not its launch: there, at batch 16, chunks of 256 were not reliably
-# faster (best of five: 27-30k img/s against 20-34k) and chunks of 1,024 were 1.4-3.6x slower (out of cache).
-# Each image's augmentation depends only on its own flip and angle, so the batches are the same either way
-# (tests). Measured on an H200, ThreeCNN at batch 16, data + step: 3,246-3,593 img/s a batch at a time,
-# 4,483-4,578 in chunks of 256 (README); the memory it costs: bench --memory (+29 MiB).
+# running them, and the augmentation launches ~35 of them whatever the batch size; augmented 256 images at a
+# time, a step's share is ~2 (counted: a ThreeCNN step is ~100 ops). Not on a CPU, where an op costs its work,
+# not its launch: there chunks were not reliably faster, and large ones slower (out of cache). Each image's
+# augmentation depends only on its own flip and angle, so the batches are the same either way (tests). What
+# it gains on a GPU, and the memory it costs (bench --memory), are in docs/performance.md.
 GPU_CHUNK_IMAGES = 256
 
 

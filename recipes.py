@@ -114,7 +114,7 @@ def resolve_config(args):
     if args.demo:
         given.setdefault("data_dir", DEMO_DIR)
         given.setdefault("ckpt_dir", os.path.join("models_pth", "demo"))
-        if not args.resume:  # a resumed demo run keeps its own --epochs (a 3-epoch run is not stretched to 10)
+        if not args.resume:  # a resumed demo run keeps its own --epochs (a 1-epoch run is not stretched to 3)
             given.setdefault("epochs", DEMO_EPOCHS)
     cfg = dict(DEFAULTS)
     cfg["model"] = given.get("model", DEFAULTS["model"])

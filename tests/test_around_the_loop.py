@@ -144,3 +144,18 @@ def test_under_torchrun_the_first_process_of_a_machine_decodes_while_the_others_
     monkeypatch.setattr(runtime.dist, "barrier", lambda: events.append("barrier"))
     assert runtime.first_on_each_machine(lambda: events.append("decode") or "loaders") == "loaders"
     assert events == (["decode", "barrier"] if local_rank == "0" else ["barrier", "decode"])
+
+
+def test_the_readmes_first_command_trains_the_demo_to_85_percent_with_class_4_hardest(tmp_path, monkeypatch, run_main):
+    """python main.py --model three --demo, as a new user runs it (the demo set built in the run): per-epoch lines,
+    the report with its confusion matrix, a submission and the pictures; >= 85% with class 4 the hardest."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_main(["--model", "three", "--demo", "--quiet"])
+    assert rc == 0, err
+    assert "building the synthetic demo data set" in out and out.count("epoch ") >= 3 and "Confusion matrix" in out
+    run = next((tmp_path / "runs").iterdir())
+    rep = json.load(open(run / "report.json"))
+    recall = {c: m["recall"] for c, m in rep["classes"].items()}
+    assert rep["accuracy"] >= 0.85 and min(recall, key=recall.get) == "4", recall
+    assert all((run / f).exists() for f in ("submission.csv", "confusion.png", "curves.png"))
+    assert (tmp_path / "models_pth" / "demo" / "three_best.pth").exists()

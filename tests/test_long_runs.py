@@ -25,7 +25,7 @@ from conftest import ROOT, base_args, run_cli
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Enough training images for an epoch to last long enough to be interrupted in the middle."""
-    return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 200, "validation": 20, "test": 10}, seed=2)
+    return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 100, "validation": 20, "test": 10}, seed=2)
 
 
 def args_for(data, tmp, *extra):
@@ -58,8 +58,8 @@ def logged_epochs(path):
 
 def start_and_wait_for_epoch_1(argv):
     """Starts a run and returns early in its epoch 2. Epoch 1's row in log.csv is written after its checkpoint
-    and just before the run looks for a stop signal, so a signal sent soon after lands in epoch 2 (50 steps;
-    on a GPU they take ~0.2 s, so no fixed sleep is safe: polling is)."""
+    and just before the run looks for a stop signal, so a signal sent soon after lands in epoch 2 (25 steps;
+    on a GPU they take ~0.1 s, so no fixed sleep is safe: polling is)."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = Path(argv[argv.index("--out-dir") + 1]) / "r"
@@ -107,7 +107,7 @@ def test_interrupt_saves_mid_epoch_and_resumes_exactly(sig, code, data, referenc
     run = tmp_path / "runs" / "r"
     assert f"python main.py --resume {run}" in out
     ck = torch.load(last, weights_only=True)
-    assert ck["epoch"] == 1 and 0 < ck["step"] < 50  # stopped inside epoch 2, after a whole step
+    assert ck["epoch"] == 1 and 0 < ck["step"] < 25  # stopped inside epoch 2 (25 steps), after a whole step
     r = run_cli(["--resume", run, "--quiet"])  # the saved configuration is enough to continue
     assert r.returncode == 0, r.stderr
     assert "step" in r.stdout

@@ -171,12 +171,15 @@ def test_summary_needs_no_data(run_main):
     assert rc == 0 and "trainable parameters: 727" in out
 
 
-def test_ensemble_trains_on_frozen_bases(trained, tiny_data, tmp_path, run_main):
+def test_ensemble_trains_on_frozen_bases(trained, tmp_path, run_main):
+    """(A very small data set: every image goes through SkipConCNN, ~27 GFLOP each, slow on a CPU.)"""
+    import demo_data
+    data = demo_data.build(str(tmp_path / "data"), {"train": 16, "validation": 8, "test": 4}, seed=4)
     tmp, run = trained
     skip = tmp_path / "skip.pth"
     checkpoint.save({"model": "skip", "state_dict": models.SkipConCNN().state_dict(), "config": {}}, str(skip))
-    args = base_args(tiny_data, tmp_path, "--epochs", "1", "--skip-ckpt", skip, "--three-ckpt", run / "best.pth",
-                     "--batch-size", "30")
+    args = base_args(data, tmp_path, "--epochs", "1", "--skip-ckpt", skip, "--three-ckpt", run / "best.pth",
+                     "--batch-size", "8")
     args[1] = "ensemble"
     rc, out, err = run_main(args)
     assert rc == 0, err
@@ -266,6 +269,7 @@ def test_a_cpu_without_bf16_says_once_that_it_trains_in_fp32(tiny_data, tmp_path
     assert rc == 0, err
     assert out.count("no bf16 instructions") == 1 and "trains in fp32" in out and "GPU" in out
     assert "precision fp32" in out
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # with bf16 (or --amp given): no note
-    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--run-name", "r2"))
-    assert rc == 0 and "no bf16 instructions" not in out and "precision bfloat16" in out
+    cpu, cfg = torch.device("cpu"), dict(recipes.DEFAULTS)
+    assert runtime.precision_note({**cfg, "amp": "off"}, cpu, None) is None  # fp32 asked for: nothing to explain
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # with bf16: it trains in bf16, no note
+    assert runtime.amp_dtype(cfg, cpu) == torch.bfloat16 and runtime.precision_note(cfg, cpu, torch.bfloat16) is None
