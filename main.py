@@ -3,6 +3,7 @@
     python main.py --model skip                     train with the report's recipe, report, write a submission
     python main.py --model three --demo             the same on a synthetic demo set (no download needed)
     python main.py --model three --preset fast      ThreeCNN at batch 256, for a GPU (16x the report's batch)
+    python main.py --model res                      ResCNN (ours) with its recipe; nothing chosen on validation
     python main.py --evaluate CKPT                  judge a checkpoint on validation
     python main.py --predict CKPT                   write a submission from a checkpoint
     python main.py --analyze CKPT                   error analysis: confusions, worst images, class samples
@@ -26,7 +27,8 @@ from recipes import DEMO_DIR, DEMO_EPOCHS, PRESETS, RECIPES, resolve_config
 # Command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    usage = __doc__.split("\n\nThis file")[0]  # the examples; the rest speaks of the code, not of its use
+    p = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
     a = p.add_argument
     g = p.add_argument_group("what to do (default: train)")

@@ -155,6 +155,10 @@ def open_resume(cfg, given, resume):
     return ckpt, cfg, path, run_dir, todo
 
 
+
+# ==============================================================================================
+# config.json and the log, and the best checkpoint where users find it
+
 def start_log(run, resumed):
     """config.json, the log (a resumed run continues its own; rows past the checkpoint are dropped), and the
     lines that say what trains where."""
@@ -170,9 +174,6 @@ def start_log(run, resumed):
         f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
         f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")
 
-
-# ==============================================================================================
-# The log, and the best checkpoint where users find it
 
 def write_log(path, rows):
     buf = io.StringIO()
@@ -231,7 +232,6 @@ def promote(best, cfg):
 
 # ==============================================================================================
 # A run's state in last.pth / best.pth, and back
-
 
 def restore(run, ckpt, path):
     """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
