@@ -196,6 +196,11 @@ def library_error_line(e):
     return None
 
 
+def interrupted():
+    print("interrupted; the checkpoints already written are intact", file=sys.stderr)
+    return 130
+
+
 def main(argv=None):
     """Run one command; returns its exit code (0, 2 for a user error, 130/143 when stopped by a signal)."""
     try:
@@ -217,8 +222,7 @@ def main(argv=None):
               f"permissions (a run's finished epochs are kept in its last.pth)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C at any moment, the first second of imports included
-        print("interrupted; the checkpoints already written are intact", file=sys.stderr)
-        return 130
+        return interrupted()
     except Exception as e:
         line = library_error_line(e)
         if line is None:
@@ -232,4 +236,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C in the instant between this file's imports and main()'s own catch
+        code = interrupted()
+    sys.exit(code)
