@@ -21,7 +21,7 @@ README = os.path.join(ROOT, "README.md")
 FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc",
           "class4_recall", "selected_on_val"]
 BEGIN, END = "<!-- results summary: made by results.py from docs/results.csv -->", "<!-- end of results summary -->"
-MODEL_NAMES = {"three": "ThreeCNN", "skip": "SkipConCNN", "ensemble": "EnsembleCNN"}
+MODEL_NAMES = {"three": "ThreeCNN", "skip": "SkipConCNN", "ensemble": "EnsembleCNN", "res": "ResCNN"}
 
 
 def read_rows(path=CSV):
@@ -69,7 +69,9 @@ def results_md(rows):
              "1,250 validation images (200 for the demo set); `chosen on val`: yes when the reported checkpoint was",
              "chosen by that same validation accuracy (the report's recipe does so), no for a fixed schedule's",
              "final or EMA weights or a choice on images held out of train. Minutes: the whole command where known,",
-             "else its epochs; empty where not recorded.", "", "## By model and recipe", ""]
+             "else its epochs; empty where not recorded. \"AVX512 limited to AVX2\": a CPU with AVX512-BF16 run with",
+             "PyTorch's ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in fp32, a stand-in for an AVX2-only CPU",
+             "(docs/performance.md).", "", "## By model and recipe", ""]
     lines += summary_table(rows)
     lines += ["", "## Every run", "", "| date | machine | model | recipe | command | seed | epochs | minutes | val acc % "
               "| class-4 recall | chosen on val |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
