@@ -66,8 +66,8 @@ def summary_table(rows):
 def results_md(rows):
     lines = ["# Results", "", "Every run measured, one row of `docs/results.csv` each (this file is made from it by",
              "`python results.py`). `<real data>` is the competition data in the Kaggle layout. Accuracy is on the",
-             "1,250 validation images (200 for the demo set); `chosen on val`: yes when the reported checkpoint was",
-             "chosen by that same validation accuracy (the report's recipe does so), no for a fixed schedule's",
+             "1,250 validation images (the demo sets: 200 in the old, 100 in the current); `chosen on val`: yes when the",
+             "reported checkpoint was chosen by that same validation accuracy (the report's recipe does so), no for a fixed schedule's",
              "final or EMA weights or a choice on images held out of train. Minutes: the whole command where known,",
              "else its epochs; empty where not recorded. \"AVX512 limited to AVX2\": a CPU with AVX512-BF16 run with",
              "PyTorch's ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in fp32, a stand-in for an AVX2-only CPU",
