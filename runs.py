@@ -246,6 +246,9 @@ def restore(run, ckpt, path):
         sched.T_max = cfg["epochs"]
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
+    if cfg["scheduler"] == "warmup_cosine":  # the same: its rate is that of the schedule over the --epochs given now
+        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:
         checkpoint.load_weights(run.ema.module, ckpt, path, key="ema_state_dict")

@@ -73,6 +73,15 @@ def test_warmup_then_cosine():
     assert lrs[3:] == pytest.approx([(1 + np.cos(np.pi * k / 4)) / 2 for k in range(4)])  # then a cosine
 
 
+def test_a_warmup_cosine_run_resumed_with_more_epochs_follows_the_longer_schedule(tiny_data, tmp_path, run_main):
+    flags = ("--scheduler", "warmup_cosine", "--warmup", "1", "--lr", "1e-3")
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "2", *flags))[0] == 0
+    run = tmp_path / "runs" / "r"  # finished: its cosine came down to zero
+    assert run_main(["--resume", run, "--epochs", "3"])[0] == 0
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(run / "log.csv"))]
+    assert lrs == pytest.approx([5e-4, 1e-3, 5e-4])  # epoch 3 of a 3-epoch schedule: (1 + cos(pi / 2)) / 2
+
+
 # ---------------------------------------------------------------------------------------------- holdout
 
 def test_holdout_is_disjoint_stratified_and_reproducible():
