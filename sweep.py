@@ -12,7 +12,6 @@ same. A run that fails is reported with its one-line error; the others go on. --
 run that has a result to docs/results.csv (python results.py then remakes the tables).
 """
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -22,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import report
 import results
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -62,8 +62,8 @@ def plan_jobs(commands, seeds):
 
 
 def launch(job, out_dir):
-    """Start one main.py in a session of its own: a Ctrl-C in the terminal reaches the sweep, which then
-    stops every run the same way (SIGTERM: save, then exit)."""
+    """Start one main.py in a process group of its own: a Ctrl-C in the terminal reaches the sweep only, which
+    then stops every run the same way (SIGTERM: save, then exit)."""
     job["out"] = open(os.path.join(out_dir, f"{job['name']}.out"), "w")
     job["err"] = open(os.path.join(out_dir, f"{job['name']}.err"), "w")
     cmd = [sys.executable, MAIN, *job["flags"], "--out-dir", out_dir, "--run-name", job["name"], "--quiet"]
@@ -128,7 +128,10 @@ def outcome(job, out_dir):
     if out["status"] == "not started":
         return out
     err = open(os.path.join(out_dir, f"{job['name']}.err")).read().strip().splitlines()
-    rows = read_csv_rows(os.path.join(run_dir, "log.csv"))
+    try:
+        rows = report.read_log(os.path.join(run_dir, "log.csv"))
+    except OSError:  # failed before its run folder had a log
+        rows = []
     cfg = read_json(os.path.join(run_dir, "config.json")) or {}
     rep = read_json(os.path.join(run_dir, "report.json"))
     out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")), epochs=len(rows))
@@ -147,16 +150,8 @@ def reported_acc(rows, select):
     if not rows:
         return ""
     key = {"val": "val_acc", "holdout": "holdout_acc"}.get(select)
-    row = rows[-1] if key is None else max(rows, key=lambda r: float(r[key]))
-    return 100 * float(row["val_acc"])
-
-
-def read_csv_rows(path):
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []
+    row = rows[-1] if key is None else max(rows, key=lambda r: r[key])
+    return 100 * row["val_acc"]
 
 
 def read_json(path):
