@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
 
 from checkpoint import atomic_write_bytes, atomic_write_text
 
@@ -18,6 +17,7 @@ CLASSES = [str(k) for k in range(5)]
 
 def build_report(y_true, y_pred):
     """accuracy, sklearn's per-class precision/recall/F1, the confusion matrix and the worst confusions."""
+    from sklearn.metrics import classification_report, confusion_matrix  # here: its import takes a second
     labels = list(range(len(CLASSES)))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=CLASSES, output_dict=True,
@@ -52,6 +52,7 @@ def confusion_box(cm):
 
 
 def report_text(rep, y_true, y_pred, title=""):
+    from sklearn.metrics import classification_report
     cls = classification_report(y_true, y_pred, labels=list(range(len(CLASSES))), target_names=CLASSES,
                                 digits=4, zero_division=0)
     lines = [title, f"Validation accuracy: {rep['accuracy'] * 100:.2f}% ({rep['n']} images)", "",
