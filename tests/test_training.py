@@ -174,7 +174,7 @@ def test_summary_needs_no_data(run_main):
 def test_ensemble_trains_on_frozen_bases(trained, tmp_path, run_main):
     """(A very small data set: every image goes through SkipConCNN, ~27 GFLOP each, slow on a CPU.)"""
     import demo_data
-    data = demo_data.build(str(tmp_path / "data"), {"train": 16, "validation": 8, "test": 4}, seed=4)
+    data = demo_data.build(str(tmp_path / "data"), {"train": 8, "validation": 5, "test": 2}, seed=4)
     tmp, run = trained
     skip = tmp_path / "skip.pth"
     checkpoint.save({"model": "skip", "state_dict": models.SkipConCNN().state_dict(), "config": {}}, str(skip))
@@ -194,12 +194,12 @@ def test_fp16_with_grad_scaler_trains_as_on_a_gtx_1650(tmp_path, run_main):
     code path: the scaler scales the loss, the losses stay finite, its state is checkpointed. (fp16 is emulated
     on a CPU, ~20x slower than bf16: hence a very small data set.)"""
     import demo_data
-    data = demo_data.build(str(tmp_path / "data"), {"train": 16, "validation": 8, "test": 4}, seed=3)
-    rc, out, err = run_main(base_args(data, tmp_path, "--amp", "fp16", "--epochs", "2"))
+    data = demo_data.build(str(tmp_path / "data"), {"train": 16, "validation": 5, "test": 2}, seed=3)
+    rc, out, err = run_main(base_args(data, tmp_path, "--amp", "fp16", "--epochs", "1"))
     assert rc == 0, err
     run = tmp_path / "runs" / "r"
     log = list(csv.DictReader(open(run / "log.csv")))
-    assert len(log) == 2 and all(0 < float(r["train_loss"]) < 10 for r in log)
+    assert len(log) == 1 and all(0 < float(r["train_loss"]) < 10 for r in log)
     ck = torch.load(run / "last.pth", weights_only=True)
     assert ck["config"]["amp"] == "fp16" and ck["scaler"]["scale"] > 1  # enabled: fp32 runs save an empty state
     assert "precision float16" in out
@@ -219,25 +219,30 @@ def test_amp_auto_gives_fp16_to_cards_that_only_emulate_bf16(capability, expecte
 
 
 def test_fused_adam_takes_the_same_steps_as_the_default_adam_on_a_channels_last_bf16_model():
+    """Both optimizers get the same gradients each step: fed through the bf16 model, their last-bit differences
+    would grow into different gradients (up to 8e-4 apart after three steps on an AVX2 CPU), which is the model's
+    rounding, not the optimizer's."""
+    import copy
     import torch.nn.functional as F
+    torch.manual_seed(3)
     x = torch.randn(4, 3, 100, 100).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 4])
-    weights = []
-    for make in (optim.make_optimizer, lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)):
-        torch.manual_seed(3)
-        model = models.ThreeCNN().to(memory_format=torch.channels_last)
-        start = model.features[0].weight.detach().clone()
-        opt = make(model.parameters(), 5e-4, 1e-4)
-        for _ in range(3):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        weights.append(model.state_dict())
-    assert weights[0].keys() == weights[1].keys()
-    assert (weights[0]["features.0.weight"] - start).abs().max() > 1e-4  # the steps did something
-    assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
+    model = models.ThreeCNN().to(memory_format=torch.channels_last)
+    twin, start = copy.deepcopy(model), model.features[0].weight.detach().clone()
+    fused = optim.make_optimizer(model.parameters(), 5e-4, 1e-4)
+    plain = torch.optim.Adam(twin.parameters(), lr=5e-4, weight_decay=1e-4)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        fused.zero_grad()
+        loss.backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    assert (model.features[0].weight - start).abs().max() > 1e-4  # the steps did something
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), twin.parameters()))
 
 
 def test_compile_flag_compiles_the_model_it_trains(tiny_data, tmp_path, run_main, monkeypatch):
