@@ -6,9 +6,9 @@ import bench
 import recipes
 
 
-def test_bench_writes_the_documented_json(tiny_data, tmp_path):
+def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(tiny_data, tmp_path):
     out = tmp_path / "b.json"
-    rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--json", str(out),
+    rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--json", str(out), "--batch-size", "4",
                              "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--models", "three"])
     data = json.load(open(out))
     assert isinstance(data["device"], str) and data["rows"] == rows
@@ -16,13 +16,8 @@ def test_bench_writes_the_documented_json(tiny_data, tmp_path):
     for r in rows:
         assert r["baseline_img_s"] > 0 and r["fast_img_s"] > 0
         assert abs(r["ratio"] - r["fast_img_s"] / r["baseline_img_s"]) < 1e-9
-    assert rows[1]["gflop_per_image"] > 3 * rows[2]["gflop_per_image"] * 0.9  # training = forward + backward
-
-
-def test_bench_batch_size_sets_both_paths(tiny_data, tmp_path):
-    rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--batch-size", "4",
-                             "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
     assert [(r["baseline_batch"], r["fast_batch"]) for r in rows[1:]] == [(4, 4), (4, 4)]
+    assert rows[1]["gflop_per_image"] > 3 * rows[2]["gflop_per_image"] * 0.9  # training = forward + backward
 
 
 def test_bench_compile_times_the_compiled_model(tiny_data, tmp_path, monkeypatch):
@@ -42,7 +37,7 @@ def test_bench_compile_times_the_compiled_model(tiny_data, tmp_path, monkeypatch
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "b.json"
     bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--compile", "--json", str(out),
-                      "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
+                      "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
     assert [kw for _, kw in compiled] == [{"mode": None}]  # no CUDA graphs on a CPU
     assert compiled[0][0].calls == 2 * (3 + 8)  # train and infer: 3 warm-up steps (compiling) + 8 timed, each
     assert json.load(open(out))["compiled"] is True

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import models
 import recipes
 import runs
 import runtime
-from conftest import ROOT, base_args, run_cli
+from conftest import ROOT, base_args
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,9 @@ def args_for(data, tmp, *extra):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """The same run, never interrupted."""
+    """The same run, never interrupted (in this process: which process trains it makes no difference)."""
     tmp = tmp_path_factory.mktemp("ref") / "x"
-    r = run_cli(args_for(data, tmp))
-    assert r.returncode == 0, r.stderr
+    assert main.main([str(a) for a in args_for(data, tmp)]) == 0
     return tmp / "runs" / "r"
 
 
@@ -56,19 +56,18 @@ def logged_epochs(path):
         return 0
 
 
-def start_and_wait_for_epoch_1(argv):
-    """Starts a run and returns early in its epoch 2. Epoch 1's row in log.csv is written after its checkpoint
-    and just before the run looks for a stop signal, so a signal sent soon after lands in epoch 2 (25 steps;
-    on a GPU they take ~0.1 s, so no fixed sleep is safe: polling is)."""
+def start_and_wait_for_epochs(argv, run, n):
+    """Starts `python main.py ARGV` and returns early in the epoch after epoch N. An epoch's row in log.csv is
+    written after its checkpoint and just before the run looks for a stop signal, so a signal sent soon after
+    lands in the next epoch (25 steps; on a GPU they take ~0.1 s, so no fixed sleep is safe: polling is)."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = Path(argv[argv.index("--out-dir") + 1]) / "r"
     deadline = time.time() + 120
-    while logged_epochs(run / "log.csv") < 1:
-        assert p.poll() is None and time.time() < deadline, "run ended before its first epoch was logged"
+    while logged_epochs(run / "log.csv") < n:
+        assert p.poll() is None and time.time() < deadline, f"run ended before epoch {n} was logged"
         time.sleep(0.01)
     time.sleep(0.02)
-    return p, run / "last.pth"
+    return p
 
 
 def assert_same_run(a, b):
@@ -85,48 +84,51 @@ def assert_same_run(a, b):
     assert (a / "submission.csv").read_text() == (b / "submission.csv").read_text()
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(data, reference, tmp_path):
-    argv = args_for(data, tmp_path)
-    p, last = start_and_wait_for_epoch_1(argv)
+def test_a_double_ctrl_c_then_a_sigkill_keep_the_last_checkpoint_and_the_run_resumes_bit_exact(data, reference,
+                                                                                                 tmp_path, run_main):
+    """A second Ctrl-C exits at once (130) without waiting for a save; a SIGKILL (the out-of-memory killer, a
+    power cut) cannot be caught at all. Each leaves the last checkpoint intact, and the resumes go on from it."""
+    run = tmp_path / "runs" / "r"
+    p = start_and_wait_for_epochs(args_for(data, tmp_path), run, 1)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert epoch_of(run / "last.pth") >= 1  # intact and loadable
+    p = start_and_wait_for_epochs(args_for(data, tmp_path, "--resume", run), run, 2)
     p.kill()
     assert p.wait() == -signal.SIGKILL
-    assert epoch_of(last) == 1
-    r = run_cli(args_for(data, tmp_path, "--resume", tmp_path / "runs" / "r"))
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
-    assert_same_run(reference, tmp_path / "runs" / "r")
-
-
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_saves_mid_epoch_and_resumes_exactly(sig, code, data, reference, tmp_path):
-    argv = args_for(data, tmp_path)
-    p, last = start_and_wait_for_epoch_1(argv)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == code, err
-    run = tmp_path / "runs" / "r"
-    assert f"python main.py --resume {run}" in out
-    ck = torch.load(last, weights_only=True)
-    assert ck["epoch"] == 1 and 0 < ck["step"] < 25  # stopped inside epoch 2 (25 steps), after a whole step
-    r = run_cli(["--resume", run, "--quiet"])  # the saved configuration is enough to continue
-    assert r.returncode == 0, r.stderr
-    assert "step" in r.stdout
+    assert epoch_of(run / "last.pth") == 2
+    rc, out, err = run_main(args_for(data, tmp_path, "--resume", run))
+    assert rc == 0, err
+    assert "resuming" in out
     assert_same_run(reference, run)
 
 
-def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(data, tmp_path):
-    p, last = start_and_wait_for_epoch_1(args_for(data, tmp_path))
-    p.send_signal(signal.SIGINT)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130
-    assert epoch_of(last) >= 1  # intact and loadable
+def test_ctrl_c_and_sigterm_save_mid_epoch_and_the_run_resumes_exactly(data, reference, tmp_path, run_main):
+    """Ctrl-C early in epoch 2; the resume, in a new process, gets a SIGTERM (what a cluster or sweep.py sends)
+    early in epoch 3; the last resume has only the saved configuration. Each stop saved the run inside its
+    epoch, and the whole equals the run that was never stopped."""
+    run = tmp_path / "runs" / "r"
+    for argv, sig, code, done in [(args_for(data, tmp_path), signal.SIGINT, 130, 1),
+                                  (["--resume", run, "--quiet"], signal.SIGTERM, 143, 2)]:
+        p = start_and_wait_for_epochs(argv, run, done)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == code, err
+        assert f"python main.py --resume {run}" in out
+        ck = torch.load(run / "last.pth", weights_only=True)
+        assert ck["epoch"] == done and 0 < ck["step"] < 25, sig  # stopped inside the epoch (25 steps), after a step
+    rc, out, err = run_main(["--resume", run, "--quiet"])  # the saved configuration is enough to continue
+    assert rc == 0, err
+    assert "step" in out
+    assert_same_run(reference, run)
 
 
-def test_same_seed_same_run_different_seed_different_run(data, tmp_path, run_main):
+def test_same_seed_same_run_different_seed_different_run(tiny_data, tmp_path, run_main):
     sd = []
     for k, seed in enumerate([1, 1, 2]):
-        rc, _, _ = run_main(base_args(data, tmp_path / str(k), "--epochs", "1", "--seed", seed, "--deterministic"))
+        rc, _, _ = run_main(base_args(tiny_data, tmp_path / str(k), "--epochs", "1", "--seed", seed, "--deterministic"))
         assert rc == 0
         sd.append(torch.load(tmp_path / str(k) / "runs" / "r" / "last.pth", weights_only=True)["state_dict"])
     w = "features.0.weight"
@@ -196,12 +198,12 @@ def test_resume_refuses_data_that_changed_under_the_run(copy_data, tmp_path, run
     resume = ["--resume", last, "--epochs", "2"]
     rc, _, err = run_main(resume)
     assert rc == 2 and err.strip().splitlines() == [
-        f"error: cannot resume {last}: {train_csv} has changed since the run started (55 rows, it had 60): "
+        f"error: cannot resume {last}: {train_csv} has changed since the run started (25 rows, it had 30): "
         f"restore it, or start a new run"]
     ck = torch.load(last, weights_only=True)
     del ck["data"]  # a checkpoint from before the digests: its saved plan still tells the rows apart
     checkpoint.save(ck, str(last))
-    assert "(55 rows, it had 60)" in run_main(resume)[2]
+    assert "(25 rows, it had 30)" in run_main(resume)[2]
     train_csv.write_text(train_rows)
     assert run_main(resume)[0] == 0  # the same rows again: it resumes
     image_id, label = val_rows.splitlines()[1].split(",")
@@ -296,18 +298,19 @@ while True:
 
 
 def test_a_kill_during_saves_leaves_the_old_or_the_new_file(tmp_path):
-    path = str(tmp_path / "c.pth")
-    seen = set()
-    for k in range(5):
+    def kill_one_writer(k):  # five writers at once, each killed at another point of the writes after its first
+        path = str(tmp_path / f"c{k}.pth")
         p = subprocess.Popen([sys.executable, "-c", SAVER.format(root=ROOT, path=path)], stdout=subprocess.PIPE,
                              text=True)
         assert p.stdout.readline().strip() == "saved"
-        time.sleep(0.05 + 0.06 * k)  # land at different points of the writes that follow
+        time.sleep(0.05 + 0.06 * k)
         p.kill()
         p.wait()
         ck = checkpoint.load(path)  # never torn: loads, and is one consistent version
         assert torch.all(ck["state_dict"]["w"] == ck["i"])
-        seen.add(ck["i"])
+        return ck["i"]
+    with ThreadPoolExecutor(5) as pool:
+        seen = set(pool.map(kill_one_writer, range(5)))
     assert len(seen) > 1
 
 
@@ -364,7 +367,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
         out = real(self, x)
         if self.training:
             calls["train"] += 1
-            if calls["train"] == 7 + 3:  # epoch 2 (7 steps per epoch), step 3
+            if calls["train"] == 3 + 3:  # epoch 2 (3 steps per epoch), step 3
                 return out * float("nan")
         return out
     monkeypatch.setattr(models.ThreeCNN, "forward", forward)
