@@ -26,11 +26,11 @@ from conftest import ROOT, base_args
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Enough training images for an epoch to last long enough to be interrupted in the middle."""
-    return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 100, "validation": 20, "test": 10}, seed=2)
+    return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 50, "validation": 20, "test": 10}, seed=2)
 
 
 def args_for(data, tmp, *extra):
-    return base_args(data, tmp, "--epochs", "3", "--batch-size", "4", "--deterministic", "--seed", "5",
+    return base_args(data, tmp, "--epochs", "3", "--batch-size", "2", "--deterministic", "--seed", "5",
                      "--cache-dir", tmp.parent / "cache", *extra)
 
 
