@@ -160,12 +160,13 @@ class TensorBatches(_Batches):
     def batches(self, plan, gen=None, start=0):
         if self.train and "flips" not in plan:  # the per-image loader's plan: a run resumed with another --loader
             plan = {**plan, **dict(zip(("flips", "angles"), draw_augment_params(self.n, gen)))}
-        # This process's positions in the epoch, step after step from `start`, and how many each step takes;
-        # the plan in that order is copied to the device once per epoch: no host-to-device copy (no wait) per step.
-        every = torch.arange(self.n)
-        parts = [every[epoch_part][mine] for epoch_part, mine in self._batch_slices(start)]
-        sizes = [len(p) for p in parts]
-        mine = {k: v[torch.cat(parts)] for k, v in plan.items()} if parts else {}
+        # This process's positions in the epoch, step after step from `start`, and how many each step takes (as
+        # ranges: one tensor for the epoch, not two small ones per step); the plan in that order is copied to the
+        # device once per epoch: no host-to-device copy (no wait) per step.
+        spans = [range(self.n)[epoch_part][mine] for epoch_part, mine in self._batch_slices(start)]
+        sizes = [len(r) for r in spans]
+        positions = torch.tensor([i for r in spans for i in r], dtype=torch.long)
+        mine = {k: v[positions] for k, v in plan.items()} if spans else {}
         on_device = {k: v.to(self.device) for k, v in mine.items()}
         lo = 0
         for first in range(0, len(sizes), self.chunk):  # a chunk of steps at a time (see GPU_CHUNK_IMAGES)
