@@ -149,7 +149,8 @@ def test_sweep_runs_seeds_at_once_reports_a_failing_run_and_records(tiny_data, t
     assert rc == 1  # not every run finished
     outs = {o["name"]: o for o in json.load(open(tmp_path / "runs" / "sweep.json"))}
     assert sorted(outs) == ["01-three-s0", "01-three-s1", "02-three-s5"]
-    assert outs["01-three-s0"]["status"] == outs["01-three-s1"]["status"] == "finished"
+    errs = [open(tmp_path / "runs" / f"01-three-s{s}.err").read() for s in (0, 1)]  # shown if a run failed
+    assert outs["01-three-s0"]["status"] == outs["01-three-s1"]["status"] == "finished", (out, errs)
     assert outs["02-three-s5"]["status"] == "failed" and "data folder" in outs["02-three-s5"]["error"]
     assert "2 finished" in out and "02-three-s5 failed: error: data folder" in out
     assert all(os.path.exists(tmp_path / "runs" / n / "submission.csv") for n in ("01-three-s0", "01-three-s1"))
