@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 
 import torch
 
@@ -68,10 +69,10 @@ def check_output(cfg, run_dir, model):
     for d in (run_dir, cfg["ckpt_dir"]):
         try:
             os.makedirs(d, exist_ok=True)
-            probe = os.path.join(d, ".write-test")
-            with open(probe, "w") as f:
+            # A probe file of its own name: runs sharing a folder (sweep.py, models_pth/) check it at the same time,
+            # and one removing a shared name under another made that one fail as if the folder were unwritable.
+            with tempfile.NamedTemporaryFile("w", dir=d, prefix=".write-test-") as f:
                 f.write("ok")
-            os.remove(probe)
         except OSError as e:
             raise UserError(f"cannot write to {d} ({e.strerror}): pass a writable --out-dir / --ckpt-dir")
         free = shutil.disk_usage(d).free

@@ -408,6 +408,26 @@ def test_unwritable_output_folder_is_reported_before_training(tiny_data, tmp_pat
     assert rc == 2 and "cannot write to" in err and "epoch" not in out
 
 
+def test_runs_checking_a_shared_folder_at_the_same_time_do_not_fail_each_other(tmp_path):
+    """sweep.py's runs share --ckpt-dir: each one's write check must not remove the other's probe (a shared
+    probe name made ~1 in 10 checks fail as 'cannot write' with two threads checking at once)."""
+    import threading
+    failures = []
+
+    def check_many():
+        for _ in range(300):
+            try:
+                runs.check_output({"ckpt_dir": str(tmp_path)}, str(tmp_path), torch.nn.Linear(1, 1))
+            except dataset.UserError as e:
+                failures.append(str(e))
+    threads = [threading.Thread(target=check_many) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and os.listdir(tmp_path) == []  # and no probe left behind
+
+
 def test_full_disk_is_reported_before_training(tiny_data, tmp_path, run_main, monkeypatch):
     import shutil
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
