@@ -29,7 +29,7 @@ FLIP_P = 0.5
 # The report's per-image transforms (torchvision)
 
 def report_transform(train):
-    from torchvision import transforms  # here, not at the top: torchvision's import takes seconds, the fast path needs none of it
+    from torchvision import transforms  # here: its import takes seconds, and the fast path needs none of it
     steps = [transforms.Resize((dataset.IMAGE_SIZE, dataset.IMAGE_SIZE))]
     if train:
         steps += [transforms.RandomHorizontalFlip(FLIP_P), transforms.RandomRotation(MAX_ANGLE)]
