@@ -12,7 +12,6 @@ from torchvision.transforms import InterpolationMode
 import dataloader
 import dataset
 import demo_data
-from dataset import UserError
 
 
 # ---------------------------------------------------------------------------------------------- transforms
