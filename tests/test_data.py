@@ -253,3 +253,19 @@ def test_demo_classes_are_not_told_apart_by_mean_colour(tmp_path):
     clf = LogisticRegression(max_iter=5000).fit(feat(tr), tr["labels"].numpy())
     assert clf.score(feat(va), va["labels"].numpy()) < 0.40
     assert torch.bincount(va["labels"]).tolist() == [40] * 5
+
+
+def test_a_demo_set_of_an_older_version_is_built_again_and_a_current_one_is_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_data, "SPLIT_SIZES", {"train": 5, "validation": 5, "test": 5})
+    dest = str(tmp_path / "demo")
+    demo_data.ensure(dest)
+    assert "building" in capsys.readouterr().out
+    demo_data.ensure(dest)
+    assert capsys.readouterr().out == ""  # complete and current: kept as it is
+    with open(os.path.join(dest, ".version"), "w") as f:
+        f.write("1\n")  # a set made by an older demo_data.py
+    os.remove(os.path.join(dest, "train", "demo-train-00000.png"))
+    demo_data.ensure(dest)
+    assert "building" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(dest, "train", "demo-train-00000.png"))
+    assert open(os.path.join(dest, ".version")).read().strip() == demo_data.VERSION
