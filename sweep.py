@@ -61,14 +61,19 @@ def plan_jobs(commands, seeds):
     return jobs
 
 
-def launch(job, out_dir):
+def launch(job, out_dir, jobs_at_once):
     """Start one main.py in a process group of its own: a Ctrl-C in the terminal reaches the sweep only, which
-    then stops every run the same way (SIGTERM: save, then exit)."""
+    then stops every run the same way (SIGTERM: save, then exit). Runs at once share the CPU cores: each gets
+    cores / runs threads (OMP_NUM_THREADS, unless it is set already), since each would otherwise start a thread
+    per core and, more threads than cores, they would wait on each other's spinning threads."""
     job["out"] = open(os.path.join(out_dir, f"{job['name']}.out"), "w")
     job["err"] = open(os.path.join(out_dir, f"{job['name']}.err"), "w")
     cmd = [sys.executable, MAIN, *job["flags"], "--out-dir", out_dir, "--run-name", job["name"], "--quiet"]
+    env = dict(os.environ)
+    if jobs_at_once > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs_at_once)))
     job["proc"] = subprocess.Popen(cmd, stdout=job["out"], stderr=job["err"], stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=ROOT)
+                                   start_new_session=True, cwd=ROOT, env=env)
     job["start"] = time.time()
     print(f"started {job['name']}: python main.py {' '.join(job['flags'])}", flush=True)
 
@@ -80,7 +85,7 @@ def run_all(jobs, out_dir, n, budget_s):
         while pending or running:
             while pending and len(running) < n and time.time() - t0 < budget_s:
                 job = pending.pop(0)
-                launch(job, out_dir)
+                launch(job, out_dir, min(n, len(jobs)))
                 running.append(job)
             for job in [j for j in running if j["proc"].poll() is not None]:
                 finish(job)

@@ -137,7 +137,8 @@ def quick_flags(data, tmp_path):
             "--cache-dir", str(tmp_path / "cache")]
 
 
-def test_sweep_runs_seeds_at_once_reports_a_failing_run_and_records(tiny_data, tmp_path, capsys):
+def test_sweep_runs_seeds_at_once_reports_a_failing_run_and_records(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     lines = ["# a good recipe over two seeds, and one that fails",
              "python main.py " + " ".join(quick_flags(tiny_data, tmp_path)) + " --epochs 1",
              f"--model three --data-dir {tmp_path / 'nowhere'} --epochs 1 --seed 5   # its own seed: once"]
@@ -154,6 +155,9 @@ def test_sweep_runs_seeds_at_once_reports_a_failing_run_and_records(tiny_data, t
     assert outs["02-three-s5"]["status"] == "failed" and "data folder" in outs["02-three-s5"]["error"]
     assert "2 finished" in out and "02-three-s5 failed: error: data folder" in out
     assert all(os.path.exists(tmp_path / "runs" / n / "submission.csv") for n in ("01-three-s0", "01-three-s1"))
+    threads = max(1, os.cpu_count() // 3)  # the cores shared by the three runs at once
+    for n in ("01-three-s0", "01-three-s1"):
+        assert f"{threads} threads)" in json.load(open(tmp_path / "runs" / n / "config.json"))["device_name"]
     rows = results.read_rows(str(record))
     assert [r["seed"] for r in rows] == ["0", "1"] and list(rows[0]) == results.FIELDS
     assert all(r["selected_on_val"] == "yes" and float(r["val_acc"]) >= 0 and r["machine"] for r in rows)
