@@ -199,13 +199,17 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, "main.py"),
                              *map(str, base_args(tiny_data, tmp_path))],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = []
     for line in proc.stderr:  # -X importtime prints a line as each module finishes importing
+        seen.append(line)
         if line.split("|")[-1].strip() == "numpy":  # main() is importing what checks the data, torch next
             break
+    running = proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     lines = [l for l in err.splitlines() if not l.startswith("import time:")]
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert running, f"the run ended before numpy was imported: {''.join(seen)[-3000:]}\n{out[-1000:]}"
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, lines[-20:], out[-1000:])
     assert lines == ["interrupted; the checkpoints already written are intact"]
     assert not os.path.exists(tmp_path / "runs")
 
