@@ -17,6 +17,7 @@ Rounds alternate baseline and fast so that machine drift hits both; the median r
 On CUDA it adds achieved TFLOP/s, MFU (FLOPs from torch.utils.flop_counter) and peak memory.
 """
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -324,3 +325,4 @@ def main_bench(argv=None):
 
 if __name__ == "__main__":
     main_bench()
+    gc.freeze()  # exit without the interpreter's last garbage collections over PyTorch's objects (see main.py)
