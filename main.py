@@ -45,7 +45,7 @@ def build_parser():
     a("--model", choices=list(RECIPES), help="three (ThreeCNN), skip (SkipConCNN), ensemble (EnsembleCNN) or res "
                                              "(ResCNN, ours, not the report's)")
     a("--data-dir", help="folder with train.csv, validation.csv, test.csv and the image folders (default: dataset)")
-    a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent), "
+    a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent or older), "
                                           f"{DEMO_EPOCHS} epochs unless --epochs is given (a resumed run keeps its own)")
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
                                               "for a GPU), best (experimental) or strong (AdamW, warmup + cosine, "
