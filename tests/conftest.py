@@ -11,7 +11,7 @@ import demo_data  # noqa: E402
 import main  # noqa: E402
 import runs  # noqa: E402
 
-TINY = {"train": 30, "validation": 20, "test": 10}
+TINY = {"train": 16, "validation": 20, "test": 10}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import recipes
 def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(tiny_data, tmp_path):
     out = tmp_path / "b.json"
     rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--json", str(out), "--batch-size", "4",
-                             "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--models", "three"])
+                             "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
     data = json.load(open(out))
     assert isinstance(data["device"], str) and data["rows"] == rows
     assert [(r["stage"], r["model"]) for r in rows] == [("input", "-"), ("train", "three"), ("infer", "three")]

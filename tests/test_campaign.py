@@ -111,7 +111,7 @@ def test_held_out_rows_are_never_trained_on(loader, tiny_data):
 def test_a_run_with_holdout_chooses_on_it_and_logs_it(tiny_data, tmp_path, run_main):
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--holdout", "0.2", "--epochs", "2"))
     assert rc == 0, err
-    assert "holding out 5 of train.csv's rows" in out and "training on the other 25" in out and "holdout acc" in out
+    assert "holding out 5 of train.csv's rows" in out and "training on the other 11" in out and "holdout acc" in out
     folder = tmp_path / "runs" / "r"
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert all(r["holdout_acc"] != "" for r in rows)

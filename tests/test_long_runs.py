@@ -198,12 +198,12 @@ def test_resume_refuses_data_that_changed_under_the_run(copy_data, tmp_path, run
     resume = ["--resume", last, "--epochs", "2"]
     rc, _, err = run_main(resume)
     assert rc == 2 and err.strip().splitlines() == [
-        f"error: cannot resume {last}: {train_csv} has changed since the run started (25 rows, it had 30): "
+        f"error: cannot resume {last}: {train_csv} has changed since the run started (11 rows, it had 16): "
         f"restore it, or start a new run"]
     ck = torch.load(last, weights_only=True)
     del ck["data"]  # a checkpoint from before the digests: its saved plan still tells the rows apart
     checkpoint.save(ck, str(last))
-    assert "(25 rows, it had 30)" in run_main(resume)[2]
+    assert "(11 rows, it had 16)" in run_main(resume)[2]
     train_csv.write_text(train_rows)
     assert run_main(resume)[0] == 0  # the same rows again: it resumes
     image_id, label = val_rows.splitlines()[1].split(",")
@@ -367,12 +367,12 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
         out = real(self, x)
         if self.training:
             calls["train"] += 1
-            if calls["train"] == 3 + 3:  # epoch 2 (3 steps per epoch), step 3
+            if calls["train"] == 2 + 2:  # epoch 2 (2 steps per epoch), step 2
                 return out * float("nan")
         return out
     monkeypatch.setattr(models.ThreeCNN, "forward", forward)
     rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "3"))
-    assert rc == 3 and "at epoch 2, step 3" in out
+    assert rc == 3 and "at epoch 2, step 2" in out
     assert epoch_of(tmp_path / "runs" / "r" / "last.pth") == 1
     assert torch.isfinite(torch.load(tmp_path / "runs" / "r" / "last.pth", weights_only=True)
                           ["state_dict"]["features.0.weight"]).all()

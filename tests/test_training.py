@@ -174,12 +174,12 @@ def test_summary_needs_no_data(run_main):
 def test_ensemble_trains_on_frozen_bases(trained, tmp_path, run_main):
     """(A very small data set: every image goes through SkipConCNN, ~27 GFLOP each, slow on a CPU.)"""
     import demo_data
-    data = demo_data.build(str(tmp_path / "data"), {"train": 8, "validation": 5, "test": 2}, seed=4)
+    data = demo_data.build(str(tmp_path / "data"), {"train": 4, "validation": 5, "test": 2}, seed=4)
     tmp, run = trained
     skip = tmp_path / "skip.pth"
     checkpoint.save({"model": "skip", "state_dict": models.SkipConCNN().state_dict(), "config": {}}, str(skip))
     args = base_args(data, tmp_path, "--epochs", "1", "--skip-ckpt", skip, "--three-ckpt", run / "best.pth",
-                     "--batch-size", "8")
+                     "--batch-size", "4")
     args[1] = "ensemble"
     rc, out, err = run_main(args)
     assert rc == 0, err
