@@ -19,9 +19,10 @@ flags and the data folder have been checked, so a typo costs a second, not the i
 import argparse
 import gc
 import os
+import signal
 import sys
 
-from errors import DISK_ERRORS, UserError
+from errors import DISK_ERRORS, UserError, note_interrupts, raise_lost_interrupt
 from recipes import DEMO_DIR, DEMO_EPOCHS, PRESETS, RECIPES, resolve_config
 
 # ==============================================================================================
@@ -204,12 +205,16 @@ def interrupted():
 
 def main(argv=None):
     """Run one command; returns its exit code (0, 2 for a user error, 130/143 when stopped by a signal)."""
+    previous_sigint = note_interrupts()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         cfg, given = resolve_config(args)
         if args.summary or args.compare is not None or args.evaluate or args.predict or args.analyze:
-            return run_command(args, cfg, given)
-        return run_training(cfg, given, args.resume)
+            code = run_command(args, cfg, given)
+        else:
+            code = run_training(cfg, given, args.resume)
+        raise_lost_interrupt()  # a Ctrl-C lost in a library after training, or during a command: still 130
+        return code
     except UserError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the original line
@@ -231,6 +236,8 @@ def main(argv=None):
         print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()

@@ -18,7 +18,7 @@ import optim
 import report
 import runs
 import runtime
-from errors import UserError
+from errors import UserError, raise_lost_interrupt
 from runtime import log
 
 # ==============================================================================================
@@ -156,10 +156,11 @@ def set_up(cfg, given, resume):
     raw = optim.build_model(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
+    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
+    raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
         runs.check_output(cfg, run_dir, raw)
-    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
     ema = None
     if cfg["ema"]:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
