@@ -78,7 +78,7 @@ def test_progress_bars_on_a_terminal_only(monkeypatch):
 def test_run_folder_holds_config_log_report_submission_and_pictures(run):
     _, folder = run
     cfg = json.load(open(folder / "config.json"))
-    assert cfg["model"] == "three" and cfg["batch_size"] == 16 and cfg["lr"] == 5e-4 and "device_name" in cfg  # the table's
+    assert cfg["model"] == "three" and cfg["batch_size"] == 16 and cfg["lr"] == 5e-4 and "device_name" in cfg
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert list(rows[0]) == runs.LOG_FIELDS and len(rows) == recipes.DEMO_EPOCHS
     rep = json.load(open(folder / "report.json"))
