@@ -196,7 +196,7 @@ def test_resume_of_weights_of_another_architecture_is_one_line(tiny_data, tmp_pa
 
 def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_data, tmp_path):
     """SIGINT while the program is still importing: once the module that checks the data is imported, PyTorch
-    next. (Before errors.raise_lost_interrupt, one landing in Triton's import was lost: the test below.)"""
+    next. (One that a library swallows while it is imported is acted on later: the test below.)"""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, "main.py"),
                              *map(str, base_args(tiny_data, tmp_path))],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
