@@ -8,9 +8,10 @@
 
 Both give `plan(gen)` (the epoch's plan: sample order, and for TensorBatches every flip and angle) and
 `batches(plan, gen, start)` which yields (images float NCHW on the device, labels or None, positions
-in the split). The augmentation is the report's either way: horizontal flip p=0.5, rotation uniform in
-[-15, 15] degrees (nearest, zero fill), then ImageNet normalisation; validation and test are only
-normalised.
+in the split). The augmentation is the same either way: horizontal flip p=0.5, rotation uniform in
+[-ROTATE, ROTATE] degrees (nearest, zero fill; the report's 15, --rotate), a shift by whole pixels in
+[-SHIFT, SHIFT] on each axis (zero fill; off in the report, --shift), then ImageNet normalisation;
+validation and test are only normalised.
 """
 import math
 
@@ -21,18 +22,22 @@ import dataset
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the report normalises
 STD = (0.229, 0.224, 0.225)
-MAX_ANGLE = 15.0
+MAX_ANGLE = 15.0  # the report's rotation (--rotate)
 FLIP_P = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
 # The report's per-image transforms (torchvision)
 
-def report_transform(train):
+def report_transform(train, max_angle=MAX_ANGLE, shift=0):
     from torchvision import transforms  # here: its import takes seconds, and the fast path needs none of it
     steps = [transforms.Resize((dataset.IMAGE_SIZE, dataset.IMAGE_SIZE))]
     if train:
-        steps += [transforms.RandomHorizontalFlip(FLIP_P), transforms.RandomRotation(MAX_ANGLE)]
+        steps.append(transforms.RandomHorizontalFlip(FLIP_P))
+        if max_angle:
+            steps.append(transforms.RandomRotation(max_angle))
+        if shift:  # a crop of the zero-padded image: a shift by whole pixels
+            steps.append(transforms.RandomCrop(dataset.IMAGE_SIZE, padding=shift))
     steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     return transforms.Compose(steps)
 
@@ -54,27 +59,36 @@ def normalize(x):
     return x.float().mul_(scale).add_(shift) if x.dtype == torch.uint8 else x.mul(scale).add_(shift)
 
 
-def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P):
-    """Per-image flip decisions and angles, drawn on the CPU from `gen` so a run replays exactly on any device."""
+def draw_augment_params(n, gen, max_angle=MAX_ANGLE, flip_p=FLIP_P, shift=0):
+    """Per-image flips, angles and (with shift) whole-pixel shifts (N, 2: rows, columns), drawn on the CPU from
+    `gen` so a run replays exactly on any device. No shift draws nothing more: the report's runs replay as before."""
     flips = torch.rand(n, generator=gen) < flip_p
     angles = torch.empty(n).uniform_(-max_angle, max_angle, generator=gen)
-    return flips, angles
+    params = {"flips": flips, "angles": angles}
+    if shift:
+        params["shifts"] = torch.randint(-shift, shift + 1, (n, 2), generator=gen)
+    return params
 
 
-def flip_rotate(x, flips, angles):
+def flip_rotate(x, flips, angles, shifts=None, max_shift=None):
     """Flip where `flips`, then rotate by `angles` degrees about the centre (counter-clockwise for positive
-    angles, as torchvision's rotate), nearest pixel, zero fill; any dtype, shape (N,C,H,W).
+    angles, as torchvision's rotate), nearest pixel, then move by `shifts` whole pixels (rows, columns;
+    None: no shift; max_shift: their largest size, when known, to spare a look at them), zero fill; any dtype,
+    shape (N,C,H,W).
 
     A nearest-pixel rotation only moves pixels, so no image is interpolated: each output pixel's source
     row and column are computed once per image, as an outer sum of two short vectors (the centred pixel
     coordinates turned by the angle), rounded half to even like grid_sample, and the pixels are gathered.
     A flip just negates the column offset. Any rotation about the centre reads at most (sqrt(2)-1)/2 of
     the size outside the image, so padding the batch that much with zeros makes every index valid and
-    gives the zero fill for free. Matches torchvision's rotate except where a source coordinate lands
-    within float rounding of a half pixel (tests: under 0.01% of pixels).
+    gives the zero fill for free; a shift reads that much further out, so the padding grows by it. Matches
+    torchvision's rotate except where a source coordinate lands within float rounding of a half pixel
+    (tests: under 0.01% of pixels).
     """
     n, c, h, w = x.shape
-    p = math.ceil((math.sqrt(2) - 1) / 2 * max(h, w)) + 1
+    if max_shift is None:
+        max_shift = 0 if shifts is None or not len(shifts) else int(shifts.abs().max())
+    p = math.ceil((math.sqrt(2) - 1) / 2 * max(h, w)) + 1 + max_shift
     rad = angles.to(x.device, torch.float32) * (math.pi / 180)
     sign = 1 - 2 * flips.to(x.device, torch.float32)
     cos, sin = rad.cos(), rad.sin()
@@ -82,14 +96,18 @@ def flip_rotate(x, flips, angles):
     v = torch.arange(h, device=x.device, dtype=torch.float32) - (h - 1) / 2
     col = ((sign * cos)[:, None, None] * u + ((-sign * sin)[:, None] * v + (w - 1) / 2 + p)[:, :, None]).round_()
     row = (sin[:, None, None] * u + (cos[:, None] * v + (h - 1) / 2 + p)[:, :, None]).round_()
+    if shifts is not None:  # output pixel (i, j) shows source pixel (i - dy, j - dx): the image moves by (dy, dx)
+        shifts = shifts.to(x.device, torch.float32)
+        row.sub_(shifts[:, 0, None, None])
+        col.sub_(shifts[:, 1, None, None])
     src = row.mul_(w + 2 * p).add_(col).long().view(n, 1, h * w).expand(n, c, h * w)
     padded = F.pad(x, (p, p, p, p)).view(n, c, -1)
     return padded.gather(2, src).view(n, c, h, w)
 
 
-def augment_batch(x, flips, angles):
-    """The report's train augmentation on a uint8 batch (N,3,H,W): flip, rotate (see flip_rotate), normalise."""
-    return normalize(flip_rotate(x, flips, angles))
+def augment_batch(x, flips, angles, shifts=None, max_shift=None):
+    """The train augmentation on a uint8 batch (N,3,H,W): flip, rotate, shift (see flip_rotate), normalise."""
+    return normalize(flip_rotate(x, flips, angles, shifts, max_shift))
 
 
 TTA_ANGLES = (8.0, -8.0)
@@ -145,21 +163,23 @@ def chunk_steps(batch_size, device):
 
 
 class TensorBatches(_Batches):
-    def __init__(self, images, labels, ids, batch_size, train, device, shard=(0, 1), chunk=None):
+    def __init__(self, images, labels, ids, batch_size, train, device, shard=(0, 1), chunk=None,
+                 max_angle=MAX_ANGLE, shift=0):
         super().__init__(len(images), labels, ids, batch_size, train, device, shard)
+        self.max_angle, self.shift = max_angle, shift
         self.images = images.to(self.device)  # uint8 stays small: 12,500 images = 375 MB
         self.device_labels = None if labels is None else labels.to(self.device)
         self.chunk = chunk or chunk_steps(batch_size, self.device)  # steps gathered and augmented at once
 
     def plan(self, gen=None):
         plan = super().plan(gen)
-        if self.train:  # every image's flip and angle for the epoch, drawn at once on the CPU
-            plan["flips"], plan["angles"] = draw_augment_params(self.n, gen)
+        if self.train:  # every image's flip, angle and shift for the epoch, drawn at once on the CPU
+            plan.update(draw_augment_params(self.n, gen, self.max_angle, shift=self.shift))
         return plan
 
     def batches(self, plan, gen=None, start=0):
         if self.train and "flips" not in plan:  # the per-image loader's plan: a run resumed with another --loader
-            plan = {**plan, **dict(zip(("flips", "angles"), draw_augment_params(self.n, gen)))}
+            plan = {**plan, **draw_augment_params(self.n, gen, self.max_angle, shift=self.shift)}
         # This process's positions in the epoch, step after step from `start`, and how many each step takes (as
         # ranges: one tensor for the epoch, not two small ones per step); the plan in that order is copied to the
         # device once per epoch: no host-to-device copy (no wait) per step.
@@ -174,7 +194,11 @@ class TensorBatches(_Batches):
             hi = lo + sum(steps)
             idx = on_device["order"][lo:hi]
             x = self.images.index_select(0, idx)  # much faster than images[idx] on a CPU
-            x = augment_batch(x, on_device["flips"][lo:hi], on_device["angles"][lo:hi]) if self.train else normalize(x)
+            if self.train:
+                shifts = on_device["shifts"][lo:hi] if "shifts" in on_device else None
+                x = augment_batch(x, on_device["flips"][lo:hi], on_device["angles"][lo:hi], shifts, self.shift)
+            else:
+                x = normalize(x)
             ys = [None] * len(steps) if self.device_labels is None else self.device_labels[idx].split(steps)
             yield from zip(x.split(steps), ys, mine["order"][lo:hi].split(steps))
             lo = hi
@@ -204,9 +228,11 @@ _NOTES_GIVEN = set()
 
 
 def make_batches(data_dir, split, batch_size, train, device, loader="tensors", cache_dir=None, workers=4,
-                 pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print, rows=None):
+                 pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print, rows=None, max_angle=MAX_ANGLE,
+                 shift=0):
     """The loader for one split (or for `rows` of it: --holdout's parts of train). loader: 'tensors' (fast,
-    falls back to 'images' over the memory budget) or 'images' (the report's per-image path)."""
+    falls back to 'images' over the memory budget) or 'images' (the report's per-image path). max_angle and
+    shift: the training augmentation's rotation (degrees) and shift (pixels)."""
     if loader == "tensors":
         nbytes = dataset.split_nbytes(len(dataset.read_split_csv(data_dir, split)))
         if nbytes <= max_memory_gb * 2**30:
@@ -215,10 +241,11 @@ def make_batches(data_dir, split, batch_size, train, device, loader="tensors", c
             if rows is not None:
                 rows_t = torch.as_tensor(rows, dtype=torch.long)
                 images, labels, ids = images[rows_t], labels[rows_t], [ids[i] for i in rows]
-            return TensorBatches(images, labels, ids, batch_size, train, device, shard)
+            return TensorBatches(images, labels, ids, batch_size, train, device, shard, max_angle=max_angle,
+                                 shift=shift)
         if (data_dir, split) not in _NOTES_GIVEN:  # a split loaded twice (to train, then to report) says it once
             _NOTES_GIVEN.add((data_dir, split))
             log(f"note: {split} ({nbytes / 2**20:,.0f} MB decoded) exceeds --max-memory-gb {max_memory_gb}; "
                 "using the per-image loader")
-    data = dataset.CsvImageDataset(data_dir, split, report_transform(train), rows)
+    data = dataset.CsvImageDataset(data_dir, split, report_transform(train, max_angle, shift), rows)
     return ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)

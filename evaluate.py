@@ -37,7 +37,8 @@ def loaders_for(cfg, device, splits, train_split=None, sharded=True):
     the training split loses its held-out rows, and "holdout" (a split name here) is those rows, judged as
     validation is."""
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
-              pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log)
+              pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log, max_angle=cfg["rotate"],
+              shift=cfg["shift"])
     parts = {}
     if cfg["holdout"] and ("holdout" in splits or train_split == "train"):
         labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()

@@ -68,9 +68,10 @@ def add_recipe_flags(r):
     r.add_argument("--early-stop", type=int, help="stop after this many epochs without a better val accuracy")
     r.add_argument("--optimizer", choices=["adam", "adamw"], help="adam (the report's; weight decay as L2) or adamw "
                    "(decoupled weight decay)")
-    r.add_argument("--scheduler", choices=["plateau", "cosine", "warmup_cosine"], help="plateau (the report's, on the "
-                   "selection metric), cosine over --epochs, or a linear warmup of --warmup epochs then a cosine")
-    r.add_argument("--warmup", type=int, metavar="EPOCHS", help="warmup epochs of --scheduler warmup_cosine")
+    r.add_argument("--scheduler", choices=["plateau", "cosine", "warmup_cosine", "linear"], help="plateau (the "
+                   "report's, on the selection metric), cosine over --epochs, a linear warmup of --warmup epochs then "
+                   "a cosine, or (linear, stepped every step) a linear warmup then a linear decay to zero at --epochs")
+    r.add_argument("--warmup", type=float, metavar="EPOCHS", help="warmup epochs of --scheduler warmup_cosine or linear")
     r.add_argument("--holdout", type=float, metavar="FRACTION", help="hold out this fraction of train.csv (stratified, "
                    "by --seed; never trained on) to choose the checkpoint on, instead of validation")
     r.add_argument("--select", choices=["val", "holdout", "last"], help="which checkpoint is best.pth: the best "
@@ -82,6 +83,10 @@ def add_recipe_flags(r):
     r.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with this alpha (0 = off)")
     r.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix with this alpha (0 = off)")
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation in evaluation")
+    r.add_argument("--rotate", type=float, metavar="DEGREES", help="training images turned by up to this many degrees "
+                   "(the report's 15; 0 = none)")
+    r.add_argument("--shift", type=int, metavar="PIXELS", help="training images moved by up to this many whole pixels "
+                   "on each axis, zero fill (0 = none, the report's)")
     r.add_argument("--seed", type=int)
 
 

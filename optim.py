@@ -72,11 +72,19 @@ def make_optimizer(params, lr, weight_decay=0.0, kind="adam"):
     return opt([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True)
 
 
+# Schedules stepped after every training step rather than once an epoch.
+PER_STEP_SCHEDULES = ("linear",)
 
-def make_scheduler(cfg, opt):
-    """Stepped once an epoch. plateau: the report's ReduceLROnPlateau on the selection metric; cosine over
-    --epochs; warmup_cosine: the rate rises linearly over --warmup epochs (large early steps of AdamW at batch
-    64 on freshly initialised BatchNorm statistics diverge less), then falls as a cosine to ~0 at --epochs."""
+
+def make_scheduler(cfg, opt, steps_per_epoch=1):
+    """plateau: the report's ReduceLROnPlateau on the selection metric; cosine over --epochs; warmup_cosine: the
+    rate rises linearly over --warmup epochs (large early steps of AdamW at batch 64 on freshly initialised
+    BatchNorm statistics diverge less), then falls as a cosine to ~0 at --epochs. These three step once an epoch.
+    linear: stepped every step; the rate rises linearly over --warmup epochs, then falls linearly to zero at the
+    last step of --epochs. Why: over a fixed budget, a rate that decays linearly to zero at its end beats the
+    step, cosine and exponential schedules, most of all when the budget is short (Li, Yumer and Ramanan,
+    "Budgeted training", ICLR 2020); a per-step rate makes the warmup and the decay smooth in a run of a few
+    epochs."""
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
     if cfg["scheduler"] == "warmup_cosine":
@@ -87,8 +95,37 @@ def make_scheduler(cfg, opt):
                 return (done + 1) / (warm + 1)
             return 0.5 * (1 + math.cos(math.pi * (done - warm) / max(1, total - warm)))
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if cfg["scheduler"] == "linear":
+        warm, total = round(cfg["warmup"] * steps_per_epoch), cfg["epochs"] * steps_per_epoch
+
+        def linear(done):  # done: steps finished; the rate of the next step
+            if done < warm:
+                return (done + 1) / warm
+            return max(0.0, (total - done) / max(1, total - warm))
+        return torch.optim.lr_scheduler.LambdaLR(opt, linear)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=cfg["plateau_patience"],
                                                       factor=cfg["plateau_factor"])
+
+
+def make_ema(model, decay):
+    """An exponential moving average of the weights and BatchNorm buffers (torch.optim.swa_utils.AveragedModel),
+    updated after every step with the rate min(decay, (1 + n) / (10 + n)) after n updates. Why the warm-up:
+    with a fixed 0.999 the average still holds 0.999^n of the random initial weights, ~46% after the 780 steps
+    of 4 epochs at batch 64, and judged that early a ResCNN said one class for every image (20.00%) while
+    training accuracy was at 80%; with it, the average follows the model closely at first and settles to
+    `decay` after ~10,000 steps (the warm-up of tf.train.ExponentialMovingAverage's num_updates)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def update(averaged, current, n):
+        rate = min(decay, (1 + float(n)) / (10 + float(n)))
+        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - rate)
+        for a, c in zip(averaged, current):  # counters (BatchNorm's num_batches_tracked): the model's own
+            if not torch.is_floating_point(a):
+                a.copy_(c)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def make_mix(cfg):

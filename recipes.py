@@ -58,8 +58,9 @@ DEFAULTS = dict(
     model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last=True,
     compile=False, loader="tensors", pin_memory=True, max_memory_gb=4.0, cache_dir=None,
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
-    eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0, class_weights=None, focal_gamma=0.0, mixup=0.0,
-    cutmix=0.0, tta=False, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
+    eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
+    class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, rotate=15.0, shift=0,
+    deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
@@ -88,6 +89,8 @@ LIMITS = {  # setting: (is it valid, what it may be)
     "eval_batch_size": (lambda v: v is None or v >= 1, "at least 1"),
     "warmup": (lambda v: v >= 0, "0 (off) or more epochs"),
     "holdout": (lambda v: 0 <= v < 0.5, "0 (off) or a fraction below 0.5, such as 0.1"),
+    "rotate": (lambda v: 0 <= v <= 180, "0 (no rotation) to 180 degrees"),
+    "shift": (lambda v: 0 <= v <= 50, "0 (no shift) to 50 pixels"),
 }
 
 DEMO_DIR = "demo_data"
@@ -147,5 +150,5 @@ def check_selection(cfg):
         raise UserError("--class-weights auto follows the last validation recall: with --select "
                         f"{cfg['select']} give --holdout FRACTION (it then follows the held-out recall)")
     if cfg["select"] == "last" and cfg["scheduler"] == "plateau":
-        raise UserError("--select last needs a fixed schedule (--scheduler cosine or warmup_cosine): the plateau "
+        raise UserError("--select last needs a fixed schedule (--scheduler cosine, warmup_cosine or linear): the plateau "
                         "schedule steps on validation accuracy")

@@ -247,7 +247,7 @@ def restore(run, ckpt, path):
         sched.T_max = cfg["epochs"]
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
-    if cfg["scheduler"] == "warmup_cosine":  # the same: its rate is that of the schedule over the --epochs given now
+    if cfg["scheduler"] in ("warmup_cosine", "linear"):  # the same: the rate of the schedule over the --epochs given now
         for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
     run.scaler.load_state_dict(ckpt["scaler"])

@@ -69,6 +69,8 @@ def train_steps(run, start, stats):
         run.scaler.scale(loss).backward()
         run.scaler.step(run.opt)  # with fp16, steps whose gradients overflowed are skipped: normal, not an error
         run.scaler.update()
+        if run.cfg["scheduler"] in optim.PER_STEP_SCHEDULES:
+            run.sched.step()
         if run.ema is not None:
             run.ema.update_parameters(run.raw)
         losses[done] = loss.detach()
@@ -161,14 +163,12 @@ def set_up(cfg, given, resume):
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
         runs.check_output(cfg, run_dir, raw)
-    ema = None
-    if cfg["ema"]:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
+    ema = optim.make_ema(raw, cfg["ema"]) if cfg["ema"] else None
     run = SimpleNamespace(
         cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
         holdout_batches=held,
-        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt), ema=ema,
+        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt, len(tr)),
+        ema=ema,
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=optim.make_mix(cfg),
         run_dir=run_dir, last=os.path.join(run_dir, "last.pth"), log_csv=os.path.join(run_dir, "log.csv"),
         # the counters: what last.pth saves besides the weights, and where a resumed run goes on
@@ -266,7 +266,7 @@ def end_of_epoch(run):
     lr = run.opt.param_groups[0]["lr"]
     if isinstance(run.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.sched.step(score)  # the report's schedule: on validation accuracy, mode max
-    else:
+    elif cfg["scheduler"] not in optim.PER_STEP_SCHEDULES:  # those stepped after every step (train_steps)
         run.sched.step()
     if cfg["class_weights"] == "auto":
         run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, run.device, run.recall))
