@@ -92,14 +92,15 @@ def flip_rotate(x, flips, angles, shifts=None, max_shift=None):
     rad = angles.to(x.device, torch.float32) * (math.pi / 180)
     sign = 1 - 2 * flips.to(x.device, torch.float32)
     cos, sin = rad.cos(), rad.sin()
-    u = torch.arange(w, device=x.device, dtype=torch.float32) - (w - 1) / 2
+    u = torch.arange(w, device=x.device, dtype=torch.float32) - (w - 1) / 2  # output columns, centred
     v = torch.arange(h, device=x.device, dtype=torch.float32) - (h - 1) / 2
-    col = ((sign * cos)[:, None, None] * u + ((-sign * sin)[:, None] * v + (w - 1) / 2 + p)[:, :, None]).round_()
-    row = (sin[:, None, None] * u + (cos[:, None] * v + (h - 1) / 2 + p)[:, :, None]).round_()
-    if shifts is not None:  # output pixel (i, j) shows source pixel (i - dy, j - dx): the image moves by (dy, dx)
+    u, v = u.expand(n, w), v.expand(n, h)
+    if shifts is not None:  # output pixel (i, j) shows the turned image's (i - dy, j - dx): it moves by (dy, dx)
         shifts = shifts.to(x.device, torch.float32)
-        row.sub_(shifts[:, 0, None, None])
-        col.sub_(shifts[:, 1, None, None])
+        u, v = u - shifts[:, 1, None], v - shifts[:, 0, None]
+    col = ((sign * cos)[:, None, None] * u[:, None, :] + ((-sign * sin)[:, None] * v + (w - 1) / 2 + p)[:, :, None])
+    row = (sin[:, None, None] * u[:, None, :] + (cos[:, None] * v + (h - 1) / 2 + p)[:, :, None])
+    col, row = col.round_(), row.round_()
     src = row.mul_(w + 2 * p).add_(col).long().view(n, 1, h * w).expand(n, c, h * w)
     padded = F.pad(x, (p, p, p, p)).view(n, c, -1)
     return padded.gather(2, src).view(n, c, h, w)

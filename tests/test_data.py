@@ -36,7 +36,9 @@ def test_batched_normalisation_equals_torchvision():
 
 def test_flip_rate_and_angle_range():
     gen = torch.Generator().manual_seed(0)
-    flips, angles = dataloader.draw_augment_params(20000, gen)
+    p = dataloader.draw_augment_params(20000, gen)
+    flips, angles = p["flips"], p["angles"]
+    assert "shifts" not in p  # the report's augmentation draws no shifts: its runs replay as before
     assert abs(flips.float().mean().item() - 0.5) < 0.02
     assert angles.min() >= -15 and angles.max() <= 15
     assert angles.min() < -14.9 and angles.max() > 14.9
@@ -66,7 +68,8 @@ def test_batched_rotation_matches_torchvision(angle):
 
 def test_batched_rotation_over_random_angles_and_flips():
     x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (64, 3, 100, 100), dtype=np.uint8))
-    flips, angles = dataloader.draw_augment_params(64, torch.Generator().manual_seed(3), max_angle=180.0)
+    p = dataloader.draw_augment_params(64, torch.Generator().manual_seed(3), max_angle=180.0)
+    flips, angles = p["flips"], p["angles"]
     ours = dataloader.augment_batch(x, flips, angles)
     ref = torch.stack([TF.rotate(TF.hflip(img) if f else img, a.item(), interpolation=InterpolationMode.NEAREST)
                        for img, f, a in zip(x, flips, angles)])
@@ -85,6 +88,28 @@ def test_rotation_turns_counter_clockwise_and_fills_black():
     corner = dataloader.augment_batch(torch.full((1, 3, 100, 100), 200, dtype=torch.uint8), torch.tensor([False]),
                                       torch.tensor([15.0]))[0, :, 0, 0]
     assert torch.allclose(corner, black, atol=1e-5)
+
+
+def test_shift_moves_whole_pixels_with_zero_fill_and_no_rotation_keeps_every_pixel():
+    x = torch.from_numpy(np.random.default_rng(4).integers(1, 256, (3, 3, 100, 100), dtype=np.uint8))
+    p = dataloader.draw_augment_params(3, torch.Generator().manual_seed(5), max_angle=0.0, shift=4)
+    assert p["shifts"].abs().max() <= 4 and (p["angles"] == 0).all()
+    shifts = torch.tensor([[2, -3], [0, 0], [-4, 4]])
+    out = dataloader.flip_rotate(x, torch.tensor([False, True, True]), p["angles"], shifts)
+    assert torch.equal(out[0, :, 2:, :97], x[0, :, :98, 3:])  # moved down 2 and left 3: no pixel resampled
+    assert (out[0, :, :2] == 0).all() and (out[0, :, :, 97:] == 0).all()  # what came in is zero
+    assert torch.equal(out[1], x[1].flip(2))  # no shift, no angle: the flip alone
+    assert torch.equal(out[2, :, :96, 4:], x[2].flip(2)[:, 4:, :96])
+    spread = dataloader.draw_augment_params(20000, torch.Generator().manual_seed(6), 0.0, shift=2)["shifts"]
+    assert set(spread.flatten().tolist()) == {-2, -1, 0, 1, 2}
+
+
+def test_the_per_image_transforms_take_the_same_rotation_and_shift():
+    kinds = [type(t) for t in dataloader.report_transform(True, max_angle=0, shift=3).transforms]
+    assert kinds == [transforms.Resize, transforms.RandomHorizontalFlip, transforms.RandomCrop, transforms.ToTensor,
+                     transforms.Normalize]
+    crop = dataloader.report_transform(True, max_angle=0, shift=3).transforms[2]
+    assert crop.padding == 3 and crop.size == (100, 100) and crop.fill == 0
 
 
 def test_tensor_and_image_loaders_give_the_same_eval_batches(tiny_data, tmp_path):

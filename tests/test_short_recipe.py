@@ -1,0 +1,83 @@
+"""The short-budget recipe's parts: the per-step linear schedule, the EMA's warm-up, the shift augmentation,
+and a run made of them stopped mid-epoch and resumed exactly."""
+import csv
+import signal
+
+import pytest
+import torch
+
+import optim
+import recipes
+import train
+from conftest import base_args
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cfg = {**recipes.DEFAULTS, "scheduler": "linear", "warmup": 0.5, "epochs": 3}
+    sched = optim.make_scheduler(cfg, opt, steps_per_epoch=4)  # 12 steps, 2 of warmup
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0] + [(12 - k) / 10 for k in range(2, 12)])
+    assert opt.param_groups[0]["lr"] == 0  # after the last step of the budget
+    no_warmup = optim.make_scheduler({**cfg, "warmup": 0}, torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), 4)
+    assert no_warmup.get_last_lr() == [1.0]
+
+
+def test_the_ema_follows_the_model_closely_at_first_then_at_its_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = optim.make_ema(model, 0.999)
+    values = []
+    for w in (1.0, 2.0, 3.0):
+        model.weight.data.fill_(w)
+        ema.update_parameters(model)
+        values.append(ema.module.weight.item())
+    # the first update copies; then the rate is (1 + n) / (10 + n): 2/11 after one update, 3/12 after two
+    first = 1.0
+    second = 2 / 11 * first + 9 / 11 * 2.0
+    third = 3 / 12 * second + 9 / 12 * 3.0
+    assert values == pytest.approx([first, second, third])
+    for _ in range(20000):  # late in a run the rate is the decay itself
+        ema.n_averaged += 1
+    model.weight.data.fill_(0.0)
+    before = ema.module.weight.item()
+    ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(0.999 * before)
+
+
+def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(tiny_data, tmp_path, run_main, monkeypatch):
+    """The linear schedule, EMA, shift and no rotation, stopped (as by SIGTERM) inside epoch 2 and resumed: the
+    same weights, EMA, learning rates and log as the run that was never stopped."""
+    flags = ("--batch-size", "4", "--epochs", "3", "--scheduler", "linear", "--warmup", "0.5", "--ema", "0.9",
+             "--rotate", "0", "--shift", "3", "--select", "last", "--deterministic", "--lr", "1e-3")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_main(base_args(tiny_data, ref, *flags))[0] == 0
+    make_loss, calls = optim.make_loss, [0]
+
+    def loss_that_stops_at_step_6(cfg, weights=None):
+        inner = make_loss(cfg, weights)
+
+        def loss(out, target):
+            calls[0] += 1
+            if calls[0] == 6:  # epoch 2, step 2 of 4
+                train.Stop.signal = signal.SIGTERM
+            return inner(out, target)
+        return loss
+    monkeypatch.setattr(optim, "make_loss", loss_that_stops_at_step_6)
+    assert run_main(base_args(tiny_data, cut, *flags))[0] == 143
+    saved = torch.load(cut / "runs" / "r" / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)
+    monkeypatch.undo()
+    rc, out, err = run_main(["--resume", cut / "runs" / "r"])
+    assert rc == 0, err
+    a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (ref, cut))
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 12
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"] == 0
+    logs = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(d / "runs" / "r" / "log.csv"))]
+            for d in (ref, cut)]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
