@@ -112,15 +112,18 @@ def augment_batch(x, flips, angles, shifts=None, max_shift=None):
 
 
 TTA_ANGLES = (8.0, -8.0)
+TTA_VIEWS = ("flip", "flip_rotate")  # --tta-views
 
 
-def tta_views(x):
-    """Test-time views of a normalised batch: as is, flipped, and turned by +-8 degrees (black fill)."""
-    black = normalize(torch.zeros(1, 3, 1, 1, device=x.device))
-    no_flip = torch.zeros(len(x), dtype=torch.bool)
+def tta_views(x, kind="flip_rotate"):
+    """Test-time views of a normalised batch: as is and flipped, and with flip_rotate also turned by +-8 degrees
+    (black fill)."""
     views = [x, x.flip(3)]
-    for a in TTA_ANGLES:
-        views.append(flip_rotate(x - black, no_flip, torch.full((len(x),), a)) + black)
+    if kind == "flip_rotate":
+        black = normalize(torch.zeros(1, 3, 1, 1, device=x.device))
+        no_flip = torch.zeros(len(x), dtype=torch.bool)
+        for a in TTA_ANGLES:
+            views.append(flip_rotate(x - black, no_flip, torch.full((len(x),), a)) + black)
     return views
 
 

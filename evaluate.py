@@ -81,7 +81,7 @@ def _predict_probs(model, batches, cfg, device, amp, tta, desc):
     with runtime.progress(len(batches), desc, cfg) as bar:  # closed also when an out-of-memory error ends it
         for x, y, idx in batches.batches(batches.plan()):
             x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
-            views = dataloader.tta_views(x) if tta else [x]
+            views = dataloader.tta_views(x, cfg["tta_views"]) if tta else [x]
             p = 0
             for v in views:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -59,8 +59,8 @@ DEFAULTS = dict(
     compile=False, loader="tensors", pin_memory=True, max_memory_gb=4.0, cache_dir=None,
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
-    class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, rotate=15.0, shift=0,
-    deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
+    class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, tta_views="flip_rotate", rotate=15.0,
+    shift=0, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 

@@ -3,8 +3,8 @@
     python results.py            rewrite docs/results.md and the summary table in README.md from the CSV
     python results.py --check    exit 1 when either is out of step with the CSV (the tests run this)
 
-A row: date, machine, model, recipe, command, seed, epochs, minutes, val_acc (%), class4_recall,
-selected_on_val (yes: the reported checkpoint was chosen by validation accuracy, as the report's recipe
+A row: date, machine, model, recipe, command, seed, epochs, minutes, val_acc (%), holdout_acc (% on the
+training rows the run held out with --holdout; empty without), class4_recall (on validation), selected_on_val (yes: the reported checkpoint was chosen by validation accuracy, as the report's recipe
 does; no: a fixed schedule's final or EMA weights, or a choice made on images held out of train).
 sweep.py --record appends rows here.
 """
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSV = os.path.join(ROOT, "docs", "results.csv")
 MD = os.path.join(ROOT, "docs", "results.md")
 README = os.path.join(ROOT, "README.md")
-FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc",
+FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc", "holdout_acc",
           "class4_recall", "selected_on_val"]
 BEGIN, END = "<!-- results summary: made by results.py from docs/results.csv -->", "<!-- end of results summary -->"
 MODEL_NAMES = {"three": "ThreeCNN", "skip": "SkipConCNN", "ensemble": "EnsembleCNN", "res": "ResCNN"}
@@ -74,7 +74,7 @@ def results_md(rows):
              "(docs/performance.md).", "", "## By model and recipe", ""]
     lines += summary_table(rows)
     lines += ["", "## Every run", "", "| date | machine | model | recipe | command | seed | epochs | minutes | val acc % "
-              "| class-4 recall | chosen on val |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+              "| held-out acc % | class-4 recall | chosen on val |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append("| " + " | ".join(f"`{r[k]}`" if k == "command" else r[k] for k in FIELDS) + " |")
     return "\n".join(lines) + "\n"

@@ -140,6 +140,8 @@ def outcome(job, out_dir):
     cfg = read_json(os.path.join(run_dir, "config.json")) or {}
     rep = read_json(os.path.join(run_dir, "report.json"))
     out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")), epochs=len(rows))
+    if rows and rows[-1]["holdout_acc"] is not None:  # --holdout: the reported epoch's accuracy on the held-out rows
+        out["holdout_acc"] = f"{100 * reported_epoch(rows, out['select'])['holdout_acc']:.2f}"
     if job["rc"] == 0 and rep is not None:
         out.update(status="finished", val_acc=100 * rep["accuracy"], class4_recall=rep["classes"]["4"]["recall"])
     elif job["rc"] in (130, 143, -signal.SIGTERM, -signal.SIGKILL):
@@ -150,13 +152,15 @@ def outcome(job, out_dir):
     return out
 
 
+def reported_epoch(rows, select):
+    """The log row of the epoch a run's selection reports (for a stopped run: where it stands)."""
+    key = {"val": "val_acc", "holdout": "holdout_acc"}.get(select)
+    return rows[-1] if key is None else max(rows, key=lambda r: r[key])
+
+
 def reported_acc(rows, select):
     """The validation accuracy a stopped run stands at: that of the epoch its selection would report."""
-    if not rows:
-        return ""
-    key = {"val": "val_acc", "holdout": "holdout_acc"}.get(select)
-    row = rows[-1] if key is None else max(rows, key=lambda r: r[key])
-    return 100 * row["val_acc"]
+    return 100 * reported_epoch(rows, select)["val_acc"] if rows else ""
 
 
 def read_json(path):
@@ -201,7 +205,7 @@ def result_rows(outs):
                  if "--model" in o["flags"] else "three", recipe=o["recipe"] + (" (stopped)" if o["status"] == "stopped"
                                                                              else ""),
                  command=f"python main.py {' '.join(o['flags'])}", seed=o["seed"], epochs=o["epochs"],
-                 minutes=f"{o['minutes']:.2f}", val_acc=f"{o['val_acc']:.2f}",
+                 minutes=f"{o['minutes']:.2f}", val_acc=f"{o['val_acc']:.2f}", holdout_acc=o.get("holdout_acc", ""),
                  class4_recall="" if o["class4_recall"] == "" else f"{o['class4_recall']:.3f}",
                  selected_on_val="yes" if o["select"] == "val" else "no")
             for o in outs if o["status"] in ("finished", "stopped") and o["val_acc"] != ""]

@@ -1,15 +1,22 @@
 """The short-budget recipe's parts: the per-step linear schedule, the EMA's warm-up, the shift augmentation,
-and a run made of them stopped mid-epoch and resumed exactly."""
+a run made of them stopped mid-epoch and resumed exactly, the TTA views, and judging on held-out rows."""
 import csv
+import os
 import signal
+import sys
 
 import pytest
 import torch
 
+import dataloader
+import main
 import optim
 import recipes
 import train
-from conftest import base_args
+from conftest import ROOT, base_args
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import judge_holdout  # noqa: E402
 
 
 def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
@@ -81,3 +88,25 @@ def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(tiny_data, 
     logs = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(d / "runs" / "r" / "log.csv"))]
             for d in (ref, cut)]
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_tta_views_flip_is_the_image_and_its_mirror(tiny_data, tmp_path):
+    x = torch.randn(2, 3, 100, 100)
+    views = dataloader.tta_views(x, "flip")
+    assert len(views) == 2 and torch.equal(views[0], x) and torch.equal(views[1], x.flip(3))
+    assert len(dataloader.tta_views(x)) == 4  # flip_rotate, the default: also turned by +-8 degrees
+    cfg, _ = recipes.resolve_config(main.parse_args(["--tta", "--tta-views", "flip"]))
+    assert cfg["tta"] and cfg["tta_views"] == "flip"
+
+
+def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(tiny_data, tmp_path, run_main, capsys):
+    assert run_main(base_args(tiny_data, tmp_path, "--holdout", "0.3", "--epochs", "1"))[0] == 0
+    best = tmp_path / "runs" / "r" / "best.pth"
+    assert judge_holdout.main([str(best), str(best)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    held = torch.load(best, weights_only=True)["best_acc"]
+    assert out[0].startswith(f"{best} [none]") and f"held-out acc {100 * held:6.2f}%" in out[0]  # as the run logged
+    assert len(out) == 9 and out[-1].startswith("soft vote of 2 [flip_rotate]") and "(5 images)" in out[-1]
+    assert run_main(base_args(tiny_data, tmp_path / "plain", "--epochs", "1"))[0] == 0
+    with pytest.raises(SystemExit, match="without --holdout"):
+        judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])

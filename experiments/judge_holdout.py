@@ -1,0 +1,67 @@
+"""Judge runs on the training rows they held out (--holdout), never on validation: the screening's tool for
+the choices made after training, such as the test-time views and soft votes of several runs.
+
+    python experiments/judge_holdout.py RUN/best.pth [RUN2/best.pth ...]
+
+For each checkpoint, and for their soft vote when there are several, prints the held-out accuracy and
+class-4 recall without TTA and with each of --tta-views' choices. Every checkpoint must come from runs that
+held out the same rows (the same data, --holdout and --seed).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+import dataloader  # noqa: E402
+import evaluate  # noqa: E402
+import runtime  # noqa: E402
+from recipes import DEFAULTS  # noqa: E402
+
+
+def held_out_probs(path, device, views):
+    """{views: (probabilities, labels)} of one checkpoint on its run's held-out rows."""
+    ckpt = checkpoint.load(path)
+    cfg = {**DEFAULTS, **ckpt["config"], "quiet": True, "device": str(device), "loader": "tensors"}
+    if not cfg["holdout"]:
+        sys.exit(f"error: {path} comes from a run without --holdout: it has no held-out rows to be judged on")
+    held = evaluate.loaders_for(cfg, device, ["holdout"], sharded=False)["holdout"]
+    model, _ = evaluate.load_for_eval(path, cfg, device)
+    amp = runtime.amp_dtype(cfg, device)
+    out = {}
+    for v in views:
+        probs, pos, _, _ = evaluate.predict_probs(model, held, {**cfg, "tta_views": v}, device, amp, tta=v != "none")
+        out[v] = (probs, held.labels[pos], tuple(held.ids[i] for i in pos.tolist()))
+    return out
+
+
+def line(name, probs, labels):
+    pred = probs.argmax(1)
+    four = labels == 4
+    return (f"{name:<48} held-out acc {100 * (pred == labels).float().mean().item():6.2f}%  "
+            f"class-4 recall {(pred[four] == 4).float().mean().item():.3f}  ({len(labels)} images)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+")
+    a = p.parse_args(argv)
+    device = torch.device("cpu")
+    views = ("none",) + dataloader.TTA_VIEWS
+    every = [held_out_probs(path, device, views) for path in a.checkpoints]
+    for path, res in zip(a.checkpoints, every):
+        for v in views:
+            print(line(f"{path} [{v}]", res[v][0], res[v][1]))
+    if len(every) > 1:
+        if len({res["none"][2] for res in every}) > 1:
+            sys.exit("error: these runs held out different rows: no vote over them")
+        for v in views:
+            print(line(f"soft vote of {len(every)} [{v}]", sum(res[v][0] for res in every) / len(every),
+                       every[0][v][1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
