@@ -43,11 +43,6 @@ import runtime
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def forever(loader, gen):
     while True:
         yield from loader.batches(loader.plan(gen), gen)
@@ -57,11 +52,11 @@ def timed(it, steps, warmup, device):
     """images/s over `steps` items of `it`, after `warmup` items (worker start-up, cuDNN autotuning)."""
     for _ in range(warmup):
         next(it)
-    sync(device)
+    runtime.sync(device)
     t, n = time.perf_counter(), 0
     for _ in range(steps):
         n += next(it)
-    sync(device)
+    runtime.sync(device)
     return n / (time.perf_counter() - t)
 
 

@@ -60,7 +60,7 @@ DEFAULTS = dict(
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
     class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, tta_views="flip_rotate", rotate=15.0,
-    shift=0, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
+    shift=0, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
@@ -91,6 +91,7 @@ LIMITS = {  # setting: (is it valid, what it may be)
     "holdout": (lambda v: 0 <= v < 0.5, "0 (off) or a fraction below 0.5, such as 0.1"),
     "rotate": (lambda v: 0 <= v <= 180, "0 (no rotation) to 180 degrees"),
     "shift": (lambda v: 0 <= v <= 50, "0 (no shift) to 50 pixels"),
+    "minutes": (lambda v: v is None or 0 < v < math.inf, "a number of minutes above 0"),
 }
 
 DEMO_DIR = "demo_data"
@@ -134,6 +135,8 @@ def resolve_config(args):
         if not ok(cfg[k]):
             raise UserError(f"--{k.replace('_', '-')} {cfg[k]}: it must be {what}")
     check_selection(cfg)
+    if cfg["minutes"] and args.epochs is not None and not args.resume:
+        raise UserError(f"--minutes {cfg['minutes']:g} chooses the epochs that fit: give --minutes or --epochs, not both")
     if cfg["class_weights"] and cfg["class_weights"] != "auto":
         fixed_class_weights(cfg["class_weights"])  # refused now, not after the run folder is made
     return cfg, given

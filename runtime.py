@@ -31,6 +31,12 @@ def progress(total, desc, cfg):
 # ==============================================================================================
 # Device and processes
 
+def sync(device):
+    """Wait for the GPU's queued work (a no-op on a CPU): what a timing must do before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup_distributed(cfg):
     """Under torchrun: one process per GPU (or CPU process with gloo). Returns the device."""
     global RANK, WORLD

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+import budget
 import dataset
 import evaluate
 import optim
@@ -47,6 +48,27 @@ class NumericalError(Exception):
     """A loss that became NaN or infinite."""
 
 
+def step(run, x, y):
+    """One training step on a batch: forward, loss, backward, the optimizer, the per-step schedule, the EMA.
+    Returns (loss, the model's output)."""
+    x = x.contiguous(memory_format=torch.channels_last) if run.cfg["channels_last"] else x
+    target = y
+    if run.mix is not None:
+        x, target = run.mix(x, y)
+    with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+        out = run.model(x)
+        loss = run.loss_fn(out.float(), target)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)  # with fp16, steps whose gradients overflowed are skipped: normal, not an error
+    run.scaler.update()
+    if run.cfg["scheduler"] in optim.PER_STEP_SCHEDULES:
+        run.sched.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.raw)
+    return loss, out
+
+
 def train_steps(run, start, stats):
     """Train over one epoch's batches from step `start`; stats (device tensors) accumulate loss and accuracy.
     Returns the number of steps done (stops early when Stop.signal is set)."""
@@ -58,21 +80,7 @@ def train_steps(run, start, stats):
     bar.update(start)
     t0 = time.time()
     for x, y, _ in batches.batches(run.plan, run.gen, start):
-        x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
-        target = y
-        if run.mix is not None:
-            x, target = run.mix(x, y)
-        with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-            out = run.model(x)
-            loss = run.loss_fn(out.float(), target)
-        run.opt.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.opt)  # with fp16, steps whose gradients overflowed are skipped: normal, not an error
-        run.scaler.update()
-        if run.cfg["scheduler"] in optim.PER_STEP_SCHEDULES:
-            run.sched.step()
-        if run.ema is not None:
-            run.ema.update_parameters(run.raw)
+        loss, out = step(run, x, y)
         losses[done] = loss.detach()
         stats[0] += loss.detach() * len(y)
         stats[1] += (out.argmax(1) == y).sum()
@@ -138,6 +146,7 @@ def set_up(cfg, given, resume):
     """Everything before the first epoch: the run's settings, device, data, model, optimizer, folder and log.
     Returns the Run, or an exit code where a resumed run has nothing left to train."""
     ckpt = path = run_dir = None
+    started = time.time()
     if resume:
         ckpt, cfg, path, run_dir, todo = runs.open_resume(cfg, given, resume)
         if todo == "nothing":
@@ -154,7 +163,7 @@ def set_up(cfg, given, resume):
     data_rows = dataset.check_data(cfg["data_dir"])
     if ckpt is not None:
         runs.check_resume_data(ckpt, data_rows, cfg, path)
-    tr, va, held = load_data(cfg, device)
+    tr, va, held, n_test = load_data(cfg, device)
     raw = optim.build_model(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
@@ -166,7 +175,7 @@ def set_up(cfg, given, resume):
     ema = optim.make_ema(raw, cfg["ema"]) if cfg["ema"] else None
     run = SimpleNamespace(
         cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
-        holdout_batches=held,
+        holdout_batches=held, test_images=n_test,
         raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt, len(tr)),
         ema=ema,
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=optim.make_mix(cfg),
@@ -177,21 +186,24 @@ def set_up(cfg, given, resume):
     if ckpt is not None:
         runs.restore(run, ckpt, path)
     run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, device, run.recall))
+    if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
+        cfg["epochs"] = budget.size_epochs(run, step, started)
+        run.sched = optim.make_scheduler(cfg, opt, len(tr))
     if runtime.RANK == 0:
         runs.start_log(run, ckpt is not None)
     return run
 
 
 def load_data(cfg, device):
-    """The train and validation batches. Decoded (and so checked) before any run folder exists: a bad image
-    costs seconds, not a run. The test split too, though it is predicted only at the end: into the decode
-    cache, where the end finds it."""
+    """The train, validation and held-out batches, and the number of test images. Decoded (and so checked)
+    before any run folder exists: a bad image costs seconds, not a run. The test split too, though it is
+    predicted only at the end: into the decode cache, where the end finds it."""
     splits = ["train", "validation"] + (["holdout"] if cfg["holdout"] else [])
 
     def load():
-        dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
-        return evaluate.loaders_for(cfg, device, splits, train_split="train")
-    loaders = runtime.first_on_each_machine(load)
+        test = dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
+        return evaluate.loaders_for(cfg, device, splits, train_split="train"), len(test["ids"])
+    loaders, n_test = runtime.first_on_each_machine(load)
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
@@ -199,7 +211,7 @@ def load_data(cfg, device):
     if "holdout" in loaders:
         log(f"holding out {loaders['holdout'].n} of train.csv's rows (--holdout {cfg['holdout']}, seed "
             f"{cfg['seed']}) to choose the checkpoint on; training on the other {tr.n}")
-    return tr, va, loaders.get("holdout")
+    return tr, va, loaders.get("holdout"), n_test
 
 
 def claim_run_dir(cfg):

@@ -1,6 +1,8 @@
 """The short-budget recipe's parts: the per-step linear schedule, the EMA's warm-up, the shift augmentation,
-a run made of them stopped mid-epoch and resumed exactly, the TTA views, and judging on held-out rows."""
+a run made of them stopped mid-epoch and resumed exactly, the TTA views, judging on held-out rows, and runs sized
+to a time budget (--minutes)."""
 import csv
+import json
 import os
 import signal
 import sys
@@ -8,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import budget
 import dataloader
 import main
 import optim
@@ -110,3 +113,36 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
     assert run_main(base_args(tiny_data, tmp_path / "plain", "--epochs", "1"))[0] == 0
     with pytest.raises(SystemExit, match="without --holdout"):
         judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])
+
+
+def test_fit_epochs_sets_the_end_aside_and_keeps_at_least_one():
+    assert budget.fit_epochs(600, 10, 50, 20) == int((600 * budget.MARGIN - 30) // 50)
+    assert budget.fit_epochs(60, 10, 500, 20) == 1
+
+
+def test_minutes_picks_the_epochs_once_and_trains_as_that_many_epochs_would(tiny_data, tmp_path, run_main,
+                                                                             monkeypatch):
+    """The timing runs a real step on a copy: the run's weights and random state are untouched, so a run sized to 4
+    epochs is the run of --epochs 4; the choice is saved, and a resume keeps it."""
+    calls = []
+
+    def timed(fn, steps):  # one real call; then 10 s a training step (2 steps an epoch here), 0 for evaluation
+        fn()
+        calls.append(steps)
+        return 10.0 if steps == 8 else 0.0
+    monkeypatch.setattr(budget, "seconds_each", timed)
+    flags = ("--scheduler", "linear", "--warmup", "1", "--ema", "0.9", "--deterministic", "--select", "last")
+    sized = base_args(tiny_data, tmp_path / "a", "--minutes", "2", *flags)
+    del sized[sized.index("--epochs"):sized.index("--epochs") + 2]
+    rc, out, err = run_main(sized)
+    assert rc == 0, err
+    assert calls == [8, 4] and "--minutes 2: an epoch takes ~20 s here (2 steps" in out and ": 4 epochs" in out
+    run = tmp_path / "a" / "runs" / "r"
+    assert json.load(open(run / "config.json"))["epochs"] == 4 and len(open(run / "log.csv").readlines()) == 5
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "4", *flags))[0] == 0
+    a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    rc, out, _ = run_main(["--resume", run])
+    assert rc == 0 and "already finished (epoch 4 of --epochs 4" in out
+    rc, _, err = run_main(base_args(tiny_data, tmp_path / "c", "--minutes", "2", "--epochs", "3"))
+    assert rc == 2 and "give --minutes or --epochs, not both" in err
