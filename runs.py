@@ -17,6 +17,7 @@ import torch
 
 import checkpoint
 import dataset
+import locks
 import models
 import optim
 import runtime
@@ -24,6 +25,7 @@ from errors import DISK_ERRORS, UserError
 from recipes import DEFAULTS, RESUME_MAY_CHANGE
 from runtime import log
 
+PROMOTED = "promotion.txt"  # in a run folder once its best was compared with CKPT_DIR's (what happened, one line)
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
 
 # Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
@@ -127,8 +129,8 @@ def check_resume_data(ckpt, now, cfg, path):
 
 def open_resume(cfg, given, resume):
     """The checkpoint to resume, the run's own settings, and what is left to do: 'train', 'finish' (training
-    ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between) or
-    'nothing'. A finished run trains again where a larger --epochs or --early-stop gives it room."""
+    ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between),
+    'promote' (all but the promotion of its best: killed, or CKPT_DIR unwritable, at that moment) or 'nothing'. A finished run trains again where a larger --epochs or --early-stop gives it room."""
     path = find_resume(cfg, resume)
     ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
     if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
@@ -144,6 +146,10 @@ def open_resume(cfg, given, resume):
         if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
             log(f"{path}: the run finished training but not its report and submission: writing them")
             todo = "finish"
+        elif limits and not os.path.exists(os.path.join(run_dir, PROMOTED)):
+            log(f"{path}: the run finished but its best checkpoint was never compared with {cfg['ckpt_dir']}'s: "
+                f"doing that now")
+            todo = "promote"
         elif limits:
             log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
                 f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
@@ -199,36 +205,67 @@ def kept_log_rows(path, epoch):
         return [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
 
 
+def write_validation_figure(best, accuracy):
+    """best.pth with the validation accuracy it was judged at, the figure its promotion is compared on."""
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    if ckpt.get("val_acc") != accuracy:
+        checkpoint.save({**ckpt, "val_acc": accuracy}, best)
+
+
+def validation_figure(ckpt):
+    """A checkpoint's validation accuracy as judged at the end of its run (None where unknown: a run from before
+    runs recorded it, unless it was chosen on validation, where its best_acc is that accuracy)."""
+    if ckpt.get("val_acc") is not None:
+        return ckpt["val_acc"]
+    return ckpt["best_acc"] if (ckpt.get("config") or {}).get("select", "val") == "val" else None
+
+
 def promote(best, cfg):
-    """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look. An earlier
-    one that scored higher on the same validation rows stays (a 2-epoch try must not displace a 10-hour run);
-    any other earlier one is moved aside, never destroyed."""
+    """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look, as one
+    transaction under a lock on that file (runs ending together take turns): an earlier one that scored higher
+    on the same validation images stays (a 2-epoch try must not displace a 10-hour run); any other earlier one is
+    kept aside under a new name (a hard link: no copy, and at no instant is there no <model>_best.pth), then the
+    new one replaces it in one os.replace. A kill at any point leaves the old file or the new one. The figure
+    compared is each checkpoint's validation accuracy, whatever chose it (--select). Returns the line it logged."""
     dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
+    with locks.held(os.path.join(cfg["ckpt_dir"], f".{cfg['model']}_best.lock")):
+        line = _promote(best, dest, cfg)
+    log(line)
+    return line
+
+
+def keep_aside(src, path):
+    """`src` also under `path` (FileExistsError if taken): a hard link, or a copy where links are not supported."""
+    try:
+        os.link(src, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        with open(src, "rb") as f, open(path, "xb") as out:
+            shutil.copyfileobj(f, out)
+
+
+def _promote(best, dest, cfg):
     if os.path.exists(dest) and filecmp.cmp(best, dest, shallow=False):  # a finished run resumed: already there
-        log(f"best checkpoint: {dest}")
-        return
+        return f"best checkpoint: {dest}"
     if os.path.exists(dest):
         new = torch.load(best, map_location="cpu", weights_only=True)
         try:
             old = torch.load(dest, map_location="cpu", weights_only=True)
             same_rows = (old.get("data") or {}).get("validation") == new["data"]["validation"]
-        except Exception:  # unreadable: moved aside below, as any other
-            same_rows = False
-        if same_rows and old["best_acc"] > new["best_acc"]:
-            log(f"kept {dest}: {100 * old['best_acc']:.2f}% on these validation images, more than this run's "
-                f"{100 * new['best_acc']:.2f}% (its best stays in {best})")
-            return
+            old_acc = validation_figure(old)
+        except Exception:  # unreadable: kept aside below, as any other
+            same_rows, old_acc = False, None
+        if same_rows and old_acc is not None and old_acc > new["val_acc"]:
+            return (f"kept {dest}: validation accuracy {100 * old_acc:.2f}%, more than this run's "
+                    f"{100 * new['val_acc']:.2f}% (its best stays in {best})")
         stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
         aside = claim_new_path(os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}"), ".pth",
-                               lambda p: open(p, "x").close())
-        try:
-            os.replace(dest, aside)
-            log(f"kept the previous {dest} as {aside}")
-        except FileNotFoundError:  # another run finishing at this instant moved it first
-            os.remove(aside)
+                               lambda p: keep_aside(dest, p))
+        log(f"kept the previous {dest} as {aside}")
     with open(best, "rb") as f:
         checkpoint.atomic_write_bytes(dest, f.read())
-    log(f"best checkpoint: {dest}")
+    return f"best checkpoint: {dest}"
 
 
 # ==============================================================================================

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import budget
+import checkpoint
 import dataset
 import evaluate
 import optim
@@ -150,6 +151,9 @@ def set_up(cfg, given, resume):
     if resume:
         ckpt, cfg, path, run_dir, todo = runs.open_resume(cfg, given, resume)
         if todo == "nothing":
+            return 0
+        if todo == "promote":
+            promote_best(cfg, run_dir)
             return 0
         if todo == "finish":
             device = runtime.setup_distributed(cfg)
@@ -336,10 +340,18 @@ def finish(run):
 
 
 def finish_run(cfg, run_dir, device, amp):
-    """After training: judge the best checkpoint, report, predict test, keep the best where users find it."""
+    """After training: judge the best checkpoint on validation (the figure is saved in it), predict test, keep the
+    best where users find it."""
     best = os.path.join(run_dir, "best.pth")
-    evaluate.evaluate_checkpoints(cfg, [best], run_dir, device, amp,
-                                  title=f"{cfg['model']}: best checkpoint of {run_dir}")
+    rep = evaluate.evaluate_checkpoints(cfg, [best], run_dir, device, amp,
+                                        title=f"{cfg['model']}: best checkpoint of {run_dir}")[0]
+    runs.write_validation_figure(best, rep["accuracy"])
     evaluate.predict_checkpoints(cfg, [best], os.path.join(run_dir, "submission.csv"), device, amp)
-    runs.promote(best, cfg)
+    promote_best(cfg, run_dir)
     evaluate.draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
+
+
+def promote_best(cfg, run_dir):
+    """The run's best compared with CKPT_DIR's (runs.promote), and that it was, noted in the run folder."""
+    line = runs.promote(os.path.join(run_dir, "best.pth"), cfg)
+    checkpoint.atomic_write_text(os.path.join(run_dir, runs.PROMOTED), line + "\n")

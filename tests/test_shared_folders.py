@@ -1,0 +1,104 @@
+"""Runs that share folders or die at the wrong moment lose nothing: promotion to models_pth/ as a transaction,
+one builder at a time for the demo set and the decode cache, one process per run folder, errors on stderr."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import runs
+from conftest import ROOT, base_args
+
+
+@pytest.fixture(scope="module")
+def best(tiny_data, tmp_path_factory):
+    """A run's best.pth, judged on validation (so it carries val_acc)."""
+    tmp = tmp_path_factory.mktemp("best")
+    import main
+    assert main.main([str(a) for a in base_args(tiny_data, tmp, "--epochs", "1")]) == 0
+    return tmp / "runs" / "r" / "best.pth"
+
+
+def variant(best, folder, val_acc):
+    """A copy of best.pth that scored `val_acc` on the same validation images."""
+    path = folder / f"best-{val_acc}.pth"
+    checkpoint.save({**torch.load(best, weights_only=True), "val_acc": val_acc}, str(path))
+    return path
+
+
+PROMOTE_SLOWLY = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch, runs
+real = torch.load
+def slow_load(*a, **k):  # every run reads the earlier best at the same moment: their ends coincide
+    time.sleep(0.4)
+    return real(*a, **k)
+torch.load = slow_load
+while time.time() < {start}:
+    time.sleep(0.01)
+runs.promote({path!r}, {{"ckpt_dir": {ckpt!r}, "model": "three"}})
+"""
+
+
+def test_runs_promoting_at_once_leave_the_best_of_them_and_every_earlier_best_aside(best, tmp_path):
+    import time
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    first = variant(best, tmp_path, 0.1)
+    (ckpt / "three_best.pth").write_bytes(first.read_bytes())  # an earlier, worse best
+    accs = [0.3, 0.9, 0.5, 0.7, 0.6]
+    start = time.time() + 6  # once every process has imported PyTorch
+    procs = [subprocess.Popen([sys.executable, "-c", PROMOTE_SLOWLY.format(
+        root=ROOT, start=start, path=str(variant(best, tmp_path, a)), ckpt=str(ckpt))], stdout=subprocess.PIPE,
+        text=True) for a in accs]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    dest = torch.load(ckpt / "three_best.pth", weights_only=True)
+    assert dest["val_acc"] == 0.9  # the best of the runs that finished
+    aside = [torch.load(p, weights_only=True)["val_acc"] for p in ckpt.glob("three_best.*-*.pth")]
+    kept_out = [a for a, out in zip(accs, outs) if "kept " in out and "more than this run's" in out]
+    assert 0.1 in aside and sorted(aside + kept_out + [0.9]) == sorted(accs + [0.1])  # nothing lost, nothing twice
+
+
+@pytest.mark.parametrize("dies_at", ["keeping the old aside", "writing the new"])
+def test_a_kill_during_promotion_leaves_a_whole_best_and_the_resume_completes_it(tiny_data, tmp_path, run_main,
+                                                                                 monkeypatch, dies_at):
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    run, dest = tmp_path / "runs" / "r", tmp_path / "ckpt" / "three_best.pth"
+    old = variant(run / "best.pth", tmp_path, 0.0)
+    dest.write_bytes(old.read_bytes())  # an earlier, worse best: this run's promotion will replace it
+    (run / runs.PROMOTED).unlink()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as a SIGKILL would stop it there, with nothing after
+    if dies_at == "keeping the old aside":
+        monkeypatch.setattr(runs, "keep_aside", killed)
+    else:
+        monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.promote(str(run / "best.pth"), {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"})
+    monkeypatch.undo()
+    assert dest.read_bytes() == old.read_bytes()  # the old one, whole
+    rc, out, err = run_main(["--resume", run])
+    assert rc == 0 and "never compared with" in out, err
+    assert dest.read_bytes() == (run / "best.pth").read_bytes() and (run / runs.PROMOTED).exists()
+    aside = list((tmp_path / "ckpt").glob("three_best.*-*.pth"))
+    assert [p.read_bytes() for p in aside if p.read_bytes() == old.read_bytes()]  # the earlier best, kept aside
+    assert "nothing to do" in run_main(["--resume", run])[1]
+
+
+def test_a_promotion_stopped_by_a_read_only_folder_is_completed_on_resume(tiny_data, tmp_path, run_main, monkeypatch):
+    def read_only(best, cfg):
+        raise PermissionError(errno.EACCES, "Permission denied", cfg["ckpt_dir"])
+    monkeypatch.setattr(runs, "promote", read_only)
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
+    assert rc == 2 and err.startswith("error: Permission denied") and err.count("\n") == 1
+    run = tmp_path / "runs" / "r"
+    assert (run / "submission.csv").exists() and not (tmp_path / "ckpt" / "three_best.pth").exists()
+    monkeypatch.undo()
+    rc, out, err = run_main(["--resume", run])
+    assert rc == 0 and (tmp_path / "ckpt" / "three_best.pth").read_bytes() == (run / "best.pth").read_bytes(), err
