@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 import demo_data
+import locks
 from errors import UserError  # noqa: F401 (raised here, and imported from here by others)
 from recipes import DEMO_DIR, NUM_CLASSES  # noqa: F401
 
@@ -69,9 +70,9 @@ def read_split_csv(data_dir, split):
 
 def check_data(data_dir):
     """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo
-    set is built first when it is the one asked for and is absent). Returns what a resumed run must find
+    set is built first when it is the one asked for and is absent or older). Returns what a resumed run must find
     again: {split: [rows, digest of its rows]} for train and validation."""
-    if not os.path.exists(data_dir) and os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):
+    if os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):  # absent or of an older version: built (once)
         demo_data.ensure(DEMO_DIR)
     rows = {}
     for split in SPLITS:
@@ -177,8 +178,11 @@ def split_nbytes(n):
     return n * 3 * IMAGE_SIZE * IMAGE_SIZE
 
 
+CACHE_FORMAT = 2  # part of the cache's key: a cache written in another layout is never read, but decoded again
+
+
 def _cache_key(data_dir, split, paths):
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
     with open(os.path.join(data_dir, f"{split}.csv"), "rb") as f:
         h.update(f.read())
     for p in paths:  # a changed, added or replaced image changes its size or mtime
@@ -201,21 +205,53 @@ def default_cache_dir(data_dir):
     return os.path.join(base, "deepfake-unibuc", hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12])
 
 
-def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print):
-    """{"images": uint8 (N,3,100,100), "labels": int64 (N,) or None, "ids": [str]}, decoded once then cached."""
+def _read_cache(path, ids):
+    """The cached split if `path` holds it whole and in this layout, else None (a damaged or foreign cache is
+    only a cache: it is decoded again)."""
     import torch
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+        images, labels = data["images"], data["labels"]
+        if (data["ids"] == ids and images.dtype == torch.uint8 and tuple(images.shape) == (len(ids), 3, IMAGE_SIZE,
+                                                                                          IMAGE_SIZE)
+                and (labels is None or tuple(labels.shape) == (len(ids),))):
+            return data
+    except Exception:
+        pass
+    return None
+
+
+def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print):
+    """{"images": uint8 (N,3,100,100), "labels": int64 (N,) or None, "ids": [str]}, decoded once then cached.
+    One decoder at a time per split and cache folder: runs started together wait for the first one's cache."""
     df = read_split_csv(data_dir, split)
     ids = df["image_id"].tolist()
     paths = find_images(data_dir, split, ids)
     cache_dir = cache_dir or default_cache_dir(data_dir)
     cache = os.path.join(cache_dir, f"{split}-{_cache_key(data_dir, split, paths)}.pt")
-    if os.path.isfile(cache):
-        try:
-            data = torch.load(cache, weights_only=True)
-            if data["ids"] == ids:
-                return data
-        except Exception:  # a damaged cache is only a cache: decode again
-            pass
+    data = _read_cache(cache, ids)
+    if data is not None:
+        return data
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = locks.acquire(os.path.join(cache_dir, f".{split}.lock"))
+    except OSError:  # an unwritable cache folder: decode without it (noted when the cache cannot be written)
+        lock = None
+    try:
+        data = _read_cache(cache, ids) if lock is not None else None  # another run's, made while this one waited
+        if data is None:
+            data = _decode_split(df, ids, paths, split, cache_dir, threads, log)
+            _write_cache(data, cache, split, log)
+        return data
+    finally:
+        if lock is not None:
+            locks.release(lock)
+
+
+def _decode_split(df, ids, paths, split, cache_dir, threads, log):
+    import torch
     log(f"decoding {len(ids)} {split} images once (cached in {cache_dir}) ...")
     images = torch.empty((len(ids), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
 
@@ -225,16 +261,24 @@ def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print)
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(decode_into, range(len(ids))))
     labels = torch.tensor(df["label"].to_numpy(), dtype=torch.int64) if "label" in df else None
-    data = {"images": images, "labels": labels, "ids": ids}
+    return {"images": images, "labels": labels, "ids": ids}
+
+
+def _write_cache(data, cache, split, log):
+    """The cache written beside a temporary and moved into place whole; under the split's lock, so the caches of
+    this split that are not this one, and any temporaries (of writers that died: the live one holds the lock),
+    are removed."""
+    import torch
+    cache_dir = os.path.dirname(cache)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        for old in os.listdir(cache_dir):  # drop stale caches of this split
-            if old.startswith(f"{split}-") and old.endswith(".pt") and old != os.path.basename(cache):
+        for old in os.listdir(cache_dir):
+            stale_cache = old.startswith(f"{split}-") and old.endswith(".pt") and old != os.path.basename(cache)
+            if stale_cache or (old.startswith(f".{split}-") and old.endswith(".tmp")):
                 try:
                     os.remove(os.path.join(cache_dir, old))
                 except FileNotFoundError:  # another process (torchrun) removed it first
                     pass
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{split}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(data, f)
@@ -244,4 +288,3 @@ def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print)
             raise
     except OSError as e:
         log(f"note: could not write the decode cache in {cache_dir} ({e.strerror}); it will be decoded again next run")
-    return data

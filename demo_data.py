@@ -14,9 +14,13 @@ classifier on it stays near chance; the tests check it stays below 40%).
 """
 import csv
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image
+
+import locks
 
 SIZE = 100
 SPLIT_SIZES = {"train": 300, "validation": 100, "test": 50}  # per split, balanced over 5 classes
@@ -107,12 +111,27 @@ def _version(dest):
         return None
 
 
+def _current(dest):
+    return all(os.path.isfile(os.path.join(dest, f"{s}.csv")) for s in SPLIT_SIZES) and _version(dest) == VERSION
+
+
 def ensure(dest):
-    """Build the demo set in DEST unless it is already complete and of this VERSION."""
-    complete = all(os.path.isfile(os.path.join(dest, f"{s}.csv")) for s in SPLIT_SIZES)
-    if not complete or _version(dest) != VERSION:
+    """Build the demo set in DEST unless it is already complete and of this VERSION. One builder at a time: the set
+    is built aside under a lock and moved into place whole, so a run started meanwhile waits for it and uses it."""
+    if _current(dest):
+        return dest
+    parent = os.path.dirname(os.path.abspath(dest))
+    with locks.held(os.path.join(parent, f".{os.path.basename(dest)}.lock")):
+        if _current(dest):  # built by another run while this one waited
+            return dest
         print(f"building the synthetic demo data set in {dest} ...")
-        build(dest)
-        with open(os.path.join(dest, ".version"), "w") as f:
+        new = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", dir=parent)
+        build(new)
+        with open(os.path.join(new, ".version"), "w") as f:
             f.write(VERSION + "\n")
+        if os.path.exists(dest):  # an older or broken set: out of the way, then removed
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old.", dir=parent)
+            os.replace(dest, os.path.join(old, "set"))
+            shutil.rmtree(old)
+        os.replace(new, dest)
     return dest

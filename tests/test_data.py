@@ -226,7 +226,8 @@ def test_decode_cache_is_reused_and_invalidated(copy_data, tmp_path):
     os.utime(path, ns=(1, 1))
     c = dataset.load_split_tensors(copy_data, "validation", str(tmp_path), log=msgs.append)
     assert len(msgs) == 2 and c["images"][0, :, 0, 0].tolist() == [10, 20, 30]
-    assert len(os.listdir(tmp_path)) == 1  # the stale cache was removed
+    assert sorted(os.listdir(tmp_path))[1:] == [f for f in os.listdir(tmp_path) if f.endswith(".pt")]  # and the lock
+    assert len(os.listdir(tmp_path)) == 2  # the stale cache was removed
 
 
 def test_decode_cache_is_written_when_another_process_removes_a_stale_one_first(tiny_data, tmp_path, monkeypatch):
@@ -240,7 +241,7 @@ def test_decode_cache_is_written_when_another_process_removes_a_stale_one_first(
     msgs = []
     dataset.load_split_tensors(tiny_data, "validation", str(cache), log=msgs.append)
     assert len(msgs) == 1 and msgs[0].startswith("decoding")  # no "could not write the decode cache"
-    assert len(listdir(cache)) == 1
+    assert sorted(listdir(cache)) == [".validation.lock", next(f for f in listdir(cache) if f.endswith(".pt"))]
 
 
 def test_a_disk_that_fills_up_while_caching_leaves_no_partial_file(tiny_data, tmp_path, monkeypatch):
@@ -254,7 +255,7 @@ def test_a_disk_that_fills_up_while_caching_leaves_no_partial_file(tiny_data, tm
     data = dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), log=msgs.append)
     assert data["images"].shape == (20, 3, 100, 100)  # the run goes on with the decoded split
     assert msgs[-1].startswith("note: could not write the decode cache") and "No space left" in msgs[-1]
-    assert os.listdir(tmp_path / "cache") == []  # not a partial file filling the disk further
+    assert os.listdir(tmp_path / "cache") == [".validation.lock"]  # not a partial file filling the disk further
 
 
 def test_read_only_data_folder_caches_elsewhere(copy_data, tmp_path, monkeypatch):

@@ -102,3 +102,65 @@ def test_a_promotion_stopped_by_a_read_only_folder_is_completed_on_resume(tiny_d
     monkeypatch.undo()
     rc, out, err = run_main(["--resume", run])
     assert rc == 0 and (tmp_path / "ckpt" / "three_best.pth").read_bytes() == (run / "best.pth").read_bytes(), err
+
+
+CHECK_DEMO = """
+import sys, time
+sys.path.insert(0, {root!r})
+import dataset, demo_data
+demo_data.SPLIT_SIZES = {{"train": 40, "validation": 10, "test": 10}}
+while time.time() < {start}:
+    time.sleep(0.01)
+rows = dataset.check_data("demo_data")  # what a --demo run does first
+print(rows["train"][0])
+"""
+
+
+def test_two_demo_runs_started_together_on_a_fresh_folder_both_get_the_whole_set(tmp_path):
+    import time
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK_DEMO.format(root=ROOT, start=start)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [o.strip().splitlines()[-1] for o, _ in outs] == ["40"] * 3
+    assert sum("building" in o for o, _ in outs) == 1  # one builder; the others waited for it
+    assert sorted(os.listdir(tmp_path)) == [".demo_data.lock", "demo_data"]  # nothing half-built left beside it
+
+
+def test_a_dead_writers_cache_temporary_is_removed_and_a_cache_of_another_layout_is_decoded_again(tiny_data,
+                                                                                                  tmp_path):
+    import dataset
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".validation-abc123.tmp").write_bytes(b"x" * 1000)  # a writer killed mid-write (in a real split: 375 MB)
+    (cache / "tmpold.tmp").write_bytes(b"x")  # another split's or another program's: not this one's to remove
+    msgs = []
+    good = dataset.load_split_tensors(tiny_data, "validation", str(cache), log=msgs.append)
+    assert sorted(os.listdir(cache)) == [".validation.lock", "tmpold.tmp",
+                                         next(f for f in os.listdir(cache) if f.endswith(".pt"))]
+    path = next(cache.glob("validation-*.pt"))
+    torch.save({**good, "images": good["images"].permute(0, 2, 3, 1).contiguous()}, path)  # the right name, HWC
+    again = dataset.load_split_tensors(tiny_data, "validation", str(cache), log=msgs.append)
+    assert torch.equal(again["images"], good["images"]) and sum(m.startswith("decoding") for m in msgs) == 2
+    assert torch.load(path, weights_only=True)["images"].shape == (20, 3, 100, 100)  # and the cache made right
+
+
+def test_runs_decoding_one_split_at_once_decode_it_once(tiny_data, tmp_path, monkeypatch):
+    import threading
+    import time
+    import dataset
+    decode = dataset.decode_image
+    monkeypatch.setattr(dataset, "decode_image", lambda p: (time.sleep(0.02), decode(p))[1])  # slow enough to meet
+    msgs, got = [], []
+
+    def run():
+        got.append(dataset.load_split_tensors(tiny_data, "validation", str(tmp_path / "cache"), threads=1,
+                                              log=msgs.append))
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(m.startswith("decoding") for m in msgs) == 1  # the others waited for its cache
+    assert all(torch.equal(g["images"], got[0]["images"]) for g in got) and len(got) == 3
