@@ -58,6 +58,24 @@ def new_run_dir(cfg):
         raise UserError(f"cannot write to {cfg['out_dir']} ({e.strerror}): pass a writable --out-dir")
 
 
+_HELD = []  # the lock of the run folder this process trains, held until it exits
+
+
+def hold_run_dir(run_dir):
+    """One run folder, one process: a second process training (or resuming) the same folder is refused in one line,
+    not left to train it twice into one log. The lock goes with the process, however it ends."""
+    try:
+        _HELD.append(locks.acquire(os.path.join(run_dir, ".lock"), wait=False))
+    except locks.Busy:
+        raise UserError(f"{run_dir} is being trained by another process right now: wait for it to end (or stop it), "
+                        f"or start a new run")
+
+
+def release_run_dir():
+    while _HELD:
+        locks.release(_HELD.pop())
+
+
 def command_dir(cfg, verb, model):
     """The folder of an --evaluate / --predict / --analyze: <out-dir>/<verb>-<model>-<time>."""
     d = new_run_dir({**cfg, "run_name": cfg["run_name"] or f"{verb}-{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"})

@@ -7,8 +7,8 @@ run folder each), then one table grouped by recipe.
 --file: one main.py command line per line ('python main.py' may stand before the flags; '#' starts a
 comment). --seeds runs each command once per seed (a command with its own --seed runs once). --budget-min:
 when the time is up, every run still going gets SIGTERM, saves a last.pth that `main.py --resume`
-continues, and is reported as stopped; runs not started yet are reported as not started. Ctrl-C does the
-same. A run that fails is reported with its one-line error; the others go on. --record appends a row per
+continues, and is reported as stopped; runs not started yet are reported as not started. Ctrl-C, SIGTERM and
+SIGHUP do the same. A run that fails is reported with its one-line error; the others go on. --record appends a row per
 run that has a result to docs/results.csv (python results.py then remakes the tables).
 """
 import argparse
@@ -78,6 +78,21 @@ def launch(job, out_dir, jobs_at_once):
     print(f"started {job['name']}: python main.py {' '.join(job['flags'])}", flush=True)
 
 
+class Signalled(Exception):
+    """SIGTERM or SIGHUP (what `timeout`, a batch scheduler or a closed terminal sends) reached the sweep."""
+
+
+def pass_signals_on():
+    """SIGTERM and SIGHUP stop the sweep as Ctrl-C does: every run saves its last.pth and stops, and the sweep
+    writes its table and sweep.json. A second one while the runs are stopping is ignored."""
+    def handler(signum, frame):
+        for s in wanted:
+            signal.signal(s, signal.SIG_IGN)
+        raise Signalled(signal.Signals(signum).name)
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    return {s: signal.signal(s, handler) for s in wanted}
+
+
 def run_all(jobs, out_dir, n, budget_s):
     """Keep n jobs running until all are done or the budget (or a Ctrl-C) stops them."""
     pending, running, t0 = list(jobs), [], time.time()
@@ -96,8 +111,8 @@ def run_all(jobs, out_dir, n, budget_s):
             if not running and pending and time.time() - t0 >= budget_s:
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        print(f"Ctrl-C: stopping {len(running)} run(s)", flush=True)
+    except (KeyboardInterrupt, Signalled) as e:
+        print(f"{e or 'Ctrl-C'}: stopping {len(running)} run(s)", flush=True)
     stop(running)
     for job in pending:
         job["status"] = "not started"
@@ -231,7 +246,12 @@ def main(argv=None):
     jobs = plan_jobs(read_commands(a.file, a.data_dir) if a.file else [flags], a.seeds)
     out_dir = a.out_dir or os.path.join("runs", f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     os.makedirs(out_dir, exist_ok=True)
-    run_all(jobs, out_dir, max(1, a.jobs), a.budget_min * 60)
+    previous = pass_signals_on()
+    try:
+        run_all(jobs, out_dir, max(1, a.jobs), a.budget_min * 60)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     outs = [outcome(j, out_dir) for j in jobs]
     print(table(outs))
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:

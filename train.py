@@ -6,6 +6,7 @@ step is made of (model, loss, optimizer, schedule, batch mixing) is in optim.py.
 """
 import os
 import signal
+import sys
 import time
 from types import SimpleNamespace
 
@@ -114,6 +115,13 @@ def check_finite(losses, epoch):
 
 def train(cfg, given, resume):
     """Train one run (new, or resumed from its last.pth) to its end. Returns the exit code."""
+    try:
+        return train_run(cfg, given, resume)
+    finally:
+        runs.release_run_dir()  # another process may resume it now
+
+
+def train_run(cfg, given, resume):
     run = set_up(cfg, given, resume)
     if isinstance(run, int):  # a resumed run that had nothing left to train
         return run
@@ -131,9 +139,11 @@ def train(cfg, given, resume):
                 log(f"early stop: no better {'held-out' if run.cfg['select'] == 'holdout' else 'validation'} "
                     f"accuracy for {run.bad_epochs} epochs")
                 break
-    except NumericalError as e:
-        log(f"error: {e}; stopped. The last good checkpoint is {run.last}; try a lower --lr or --amp off, "
-            f"or --detect-anomaly to find the operation")
+    except NumericalError as e:  # on stderr, as every error line of a run (sweep.py shows it as the run's cause)
+        there = (f"the last good checkpoint is {run.last}" if os.path.exists(run.last) else
+                 "no checkpoint was written yet, as it came in the first epoch")
+        print(f"error: {e}; stopped: {there}. Try a lower --lr or --amp off, or --detect-anomaly to find the "
+              f"operation", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError:
         out_of_memory(run)
@@ -150,6 +160,8 @@ def set_up(cfg, given, resume):
     started = time.time()
     if resume:
         ckpt, cfg, path, run_dir, todo = runs.open_resume(cfg, given, resume)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the first process holds it for all
+            runs.hold_run_dir(run_dir)
         if todo == "nothing":
             return 0
         if todo == "promote":
@@ -221,6 +233,8 @@ def load_data(cfg, device):
 def claim_run_dir(cfg):
     """A new run folder, made by the first process and shared with the others under torchrun."""
     run_dir = runs.new_run_dir(cfg) if runtime.RANK == 0 else None
+    if run_dir is not None:
+        runs.hold_run_dir(run_dir)
     if runtime.WORLD > 1:
         box = [run_dir]
         torch.distributed.broadcast_object_list(box)

@@ -164,3 +164,55 @@ def test_runs_decoding_one_split_at_once_decode_it_once(tiny_data, tmp_path, mon
         t.join()
     assert sum(m.startswith("decoding") for m in msgs) == 1  # the others waited for its cache
     assert all(torch.equal(g["images"], got[0]["images"]) for g in got) and len(got) == 3
+
+
+def test_a_second_process_training_the_same_run_folder_is_refused_in_one_line(tiny_data, tmp_path, run_main):
+    import locks
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    run = tmp_path / "runs" / "r"
+    other = locks.acquire(str(run / ".lock"))  # another process at work on it (a lock is per open file)
+    try:
+        rc, out, err = run_main(["--resume", run, "--epochs", "2"])
+    finally:
+        locks.release(other)
+    assert rc == 2 and err.count("\n") == 1 and "is being trained by another process right now" in err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1  # untouched
+    assert run_main(["--resume", run, "--epochs", "2"])[0] == 0  # once it has ended
+
+
+def test_a_nan_in_the_first_epoch_says_no_checkpoint_exists_yet_on_stderr(tiny_data, tmp_path, run_main):
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--lr", "1e20", "--amp", "off"))
+    assert rc == 3 and err.count("\n") == 1 and "error: loss became" in err and "at epoch 1" in err
+    assert "no checkpoint was written yet" in err and "lower --lr" in err and "last.pth" not in err
+    assert not (tmp_path / "runs" / "r" / "last.pth").exists()
+
+
+def test_sigterm_to_a_sweep_stops_its_runs_resumably_and_still_writes_its_table(tiny_data, tmp_path):
+    import json
+    import signal
+    import time
+    out = tmp_path / "sweep"
+    flags = ["--model", "three", "--data-dir", str(tiny_data), "--batch-size", "8", "--epochs", "500",
+             "--early-stop", "500", "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache")]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), "--seeds", "0", "--out-dir", str(out), "--",
+                          *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "01-three-s0" / "log.csv"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) > 1):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # what `timeout`, a scheduler or a closed terminal sends
+    stdout, stderr = p.communicate(timeout=120)
+    assert "SIGTERM: stopping 1 run(s)" in stdout and "1 stopped" in stdout, stderr
+    outcome = json.load(open(out / "sweep.json"))[0]
+    assert outcome["status"] == "stopped"
+    last = torch.load(out / "01-three-s0" / "last.pth", weights_only=True)
+    assert not last["finished"] and last["epoch"] >= 1  # saved on the SIGTERM passed on: --resume continues it
+
+
+def test_a_sweep_reports_a_nan_runs_own_cause(tiny_data, tmp_path, capsys):
+    import sweep
+    flags = ["--model", "three", "--data-dir", str(tiny_data), "--batch-size", "8", "--epochs", "1", "--lr", "1e20",
+             "--amp", "off", "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache")]
+    assert sweep.main(["--seeds", "0", "--out-dir", str(tmp_path / "sweep"), "--", *flags]) == 1
+    assert "01-three-s0 failed: error: loss became" in capsys.readouterr().out  # not 'failed: exit 3'
