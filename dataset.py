@@ -71,15 +71,17 @@ def read_split_csv(data_dir, split):
 def check_data(data_dir):
     """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo
     set is built first when it is the one asked for and is absent or older). Returns what a resumed run must find
-    again: {split: [rows, digest of its rows]} for train and validation."""
+    again: {split: [rows, digest of its rows, digest of its files' names, sizes and times]} for train and
+    validation."""
     if os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):  # absent or of an older version: built (once)
         demo_data.ensure(DEMO_DIR)
     rows = {}
     for split in SPLITS:
         df = read_split_csv(data_dir, split)
-        find_images(data_dir, split, df["image_id"].tolist())
+        paths = find_images(data_dir, split, df["image_id"].tolist())
         if split != "test":
-            rows[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]]
+            rows[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16],
+                           _cache_key(data_dir, split, paths)]
     return rows
 
 

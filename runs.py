@@ -134,21 +134,27 @@ def check_resume_config(saved, given, path):
 
 
 def check_resume_data(ckpt, now, cfg, path):
-    """A run resumes on the rows it trained on: its saved epoch plan indexes train.csv's rows."""
+    """A run resumes on the rows it trained on: its saved epoch plan indexes train.csv's rows. Images whose files
+    changed under the same rows (another size or time: a new download, an edited image) are used as they are
+    now, and said once: refusing would stop every run whose data was merely copied again."""
     saved = ckpt.get("data")
     if saved is None and ckpt["plan"] is not None:  # a checkpoint from before the digests: its plan's length
         saved = {"train": [len(ckpt["plan"]["order"]), None]}
-    for split, (rows, digest) in (saved or {}).items():
+    for split, (rows, digest, *files) in (saved or {}).items():
         same = now[split][1] == digest if digest else now[split][0] == rows
         if not same:
             raise UserError(f"cannot resume {path}: {os.path.join(cfg['data_dir'], split + '.csv')} has changed since "
                             f"the run started ({now[split][0]} rows, it had {rows}): restore it, or start a new run")
+        if files and files[0] != now[split][2]:
+            log(f"note: image files of {split} changed since the run started (size or time): it goes on with them "
+                f"as they are now")
 
 
 def open_resume(cfg, given, resume):
     """The checkpoint to resume, the run's own settings, and what is left to do: 'train', 'finish' (training
     ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between),
-    'promote' (all but the promotion of its best: killed, or CKPT_DIR unwritable, at that moment) or 'nothing'. A finished run trains again where a larger --epochs or --early-stop gives it room."""
+    'promote' (all but the promotion of its best: killed, or CKPT_DIR unwritable, at that moment) or 'nothing'.
+    A finished run trains again where a larger --epochs or --early-stop gives it room."""
     path = find_resume(cfg, resume)
     ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
     if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
@@ -270,7 +276,7 @@ def _promote(best, dest, cfg):
         new = torch.load(best, map_location="cpu", weights_only=True)
         try:
             old = torch.load(dest, map_location="cpu", weights_only=True)
-            same_rows = (old.get("data") or {}).get("validation") == new["data"]["validation"]
+            same_rows = (old.get("data") or {}).get("validation", [])[:2] == new["data"]["validation"][:2]
             old_acc = validation_figure(old)
         except Exception:  # unreadable: kept aside below, as any other
             same_rows, old_acc = False, None

@@ -216,3 +216,12 @@ def test_a_sweep_reports_a_nan_runs_own_cause(tiny_data, tmp_path, capsys):
              "--amp", "off", "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache")]
     assert sweep.main(["--seeds", "0", "--out-dir", str(tmp_path / "sweep"), "--", *flags]) == 1
     assert "01-three-s0 failed: error: loss became" in capsys.readouterr().out  # not 'failed: exit 3'
+
+
+def test_a_resume_after_an_images_pixels_changed_goes_on_and_says_so_once(copy_data, tmp_path, run_main):
+    from PIL import Image
+    assert run_main(base_args(copy_data, tmp_path, "--epochs", "1"))[0] == 0
+    image = next(p for p in sorted(os.listdir(os.path.join(copy_data, "train"))) if p.endswith(".png"))
+    Image.new("RGB", (100, 100), (1, 2, 3)).save(os.path.join(copy_data, "train", image))
+    rc, out, err = run_main(["--resume", tmp_path / "runs" / "r", "--epochs", "2"])
+    assert rc == 0 and out.count("note: image files of train changed since the run started") == 1, err
