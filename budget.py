@@ -62,7 +62,7 @@ def _size_epochs(run, step, started):
         step(trial, x, y)
         runtime.sync(device)
     step_s = seconds_each(train_step, 8)
-    views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4
+    views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4  # at the end (and each epoch unless last)
     ex, _, _ = next(run.val_batches.batches(run.val_batches.plan()))
     trial.raw.eval()
 
@@ -74,10 +74,11 @@ def _size_epochs(run, step, started):
         runtime.sync(device)
     eval_s = seconds_each(evaluate, 4) / len(ex)  # per image, all views
     judged = run.val_batches.n + (run.holdout_batches.n if run.holdout_batches is not None else 0)
-    epoch_s = len(tr) * step_s + judged * eval_s
+    judging_s = judged * eval_s / (views if cfg["select"] == "last" else 1)  # each epoch's, TTA where it decides
+    epoch_s = len(tr) * step_s + judging_s
     end_s = (run.val_batches.n + run.test_images) * eval_s + END_S
     epochs = fit_epochs(cfg["minutes"] * 60, time.time() - started, epoch_s, end_s)
     log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(tr)} steps at {len(x) / step_s:.0f} "
-        f"img/s, evaluation {judged * eval_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} (saved with the run: a "
+        f"img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} (saved with the run: a "
         f"resume keeps them)")
     return epochs

@@ -97,8 +97,11 @@ def _predict_probs(model, batches, cfg, device, amp, tta, desc):
 
 
 def evaluate_split(model, batches, cfg, device, amp):
-    """(loss, accuracy, per-class recall) over the split, reduced across processes."""
-    probs, pos, loss_sum, count = predict_probs(model, batches, cfg, device, amp, cfg["tta"], "validate")
+    """(loss, accuracy, per-class recall) over the split, reduced across processes: each epoch's judging. With TTA
+    only where the figure decides something (--select val or holdout): under --select last it is only logged, and
+    TTA would cost 2-4x the evaluation for nothing (the end of the run judges with it)."""
+    tta = cfg["tta"] and cfg["select"] != "last"
+    probs, pos, loss_sum, count = predict_probs(model, batches, cfg, device, amp, tta, "validate")
     y = batches.labels[pos]
     pred = probs.argmax(1)
     k = dataset.NUM_CLASSES

@@ -4,6 +4,7 @@
     python main.py --model three --demo             the same on a synthetic demo set (no download needed)
     python main.py --model three --preset fast      ThreeCNN at batch 256, for a GPU (16x the report's batch)
     python main.py --model res                      ResCNN (ours) with its recipe; nothing chosen on validation
+    python main.py --model res --minutes 30         the same, sized to what fits in 30 minutes on this machine
     python main.py --evaluate CKPT                  judge a checkpoint on validation
     python main.py --predict CKPT                   write a submission from a checkpoint
     python main.py --analyze CKPT                   error analysis: confusions, worst images, class samples
@@ -49,8 +50,9 @@ def build_parser():
     a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent or older), "
                                           f"{DEMO_EPOCHS} epochs unless --epochs is given (a resumed run keeps its own)")
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
-                                              "for a GPU), best (experimental) or strong (AdamW, warmup + cosine, "
-                                              "EMA, TTA, final weights; the default of --model res)")
+                                              "for a GPU), short (32 epochs decaying linearly, no rotation, flip TTA, "
+                                              "final weights; the default of --model res) or strong (AdamW, warmup + "
+                                              "cosine over 100 epochs, EMA, TTA, final weights)")
     add_recipe_flags(p.add_argument_group("the recipe (defaults: the report's table for --model)"))
     add_machine_flags(p.add_argument_group("speed and machine"))
     add_file_flags(p.add_argument_group("files"))

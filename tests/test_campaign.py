@@ -41,11 +41,14 @@ def test_rescnn_shapes_count_flops_and_one_step():
     assert torch.isfinite(loss) and all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_res_trains_with_the_strong_recipe_by_default():
+def test_res_trains_with_the_short_recipe_by_default_and_strong_on_request():
     cfg, _ = recipes.resolve_config(main.parse_args(["--model", "res"]))
-    assert cfg["preset"] == "strong" and cfg["optimizer"] == "adamw" and cfg["scheduler"] == "warmup_cosine"
-    assert cfg["select"] == "last" and cfg["ema"] == 0.999 and cfg["label_smoothing"] == 0.1 and cfg["tta"]
-    assert cfg["batch_size"] == 64 and cfg["epochs"] == 100
+    assert cfg["preset"] == "short" and cfg["optimizer"] == "adamw" and cfg["scheduler"] == "linear"
+    assert cfg["select"] == "last" and cfg["ema"] == 0 and cfg["label_smoothing"] == 0.1
+    assert cfg["tta"] and cfg["tta_views"] == "flip" and cfg["rotate"] == 0
+    assert cfg["batch_size"] == 64 and cfg["epochs"] == cfg["early_stop"] == 32 and cfg["warmup"] == 1
+    strong, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--preset", "strong"]))
+    assert strong["scheduler"] == "warmup_cosine" and strong["ema"] == 0.999 and strong["epochs"] == 100
     three, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))
     assert three["preset"] == "report" and three["optimizer"] == "adam" and three["select"] == "val"
 
