@@ -1,10 +1,11 @@
 """Judge runs on the training rows they held out (--holdout), never on validation: the screening's tool for
 the choices made after training, such as the test-time views and soft votes of several runs.
 
-    python experiments/judge_holdout.py RUN/best.pth [RUN2/best.pth ...]
+    python experiments/judge_holdout.py RUN/best.pth [RUN2/best.pth ...] [--raw]
 
 For each checkpoint, and for their soft vote when there are several, prints the held-out accuracy and
-class-4 recall without TTA and with each of --tta-views' choices. Every checkpoint must come from runs that
+class-4 recall without TTA and with each of --tta-views' choices. --raw judges the trained weights where a
+run kept an EMA of them too (by default the EMA's, as main.py judges). Every checkpoint must come from runs that
 held out the same rows (the same data, --holdout and --seed).
 """
 import argparse
@@ -21,14 +22,16 @@ import runtime  # noqa: E402
 from recipes import DEFAULTS  # noqa: E402
 
 
-def held_out_probs(path, device, views):
-    """{views: (probabilities, labels)} of one checkpoint on its run's held-out rows."""
+def held_out_probs(path, device, views, raw=False):
+    """{views: (probabilities, labels, ids)} of one checkpoint on its run's held-out rows."""
     ckpt = checkpoint.load(path)
     cfg = {**DEFAULTS, **ckpt["config"], "quiet": True, "device": str(device), "loader": "tensors"}
     if not cfg["holdout"]:
         sys.exit(f"error: {path} comes from a run without --holdout: it has no held-out rows to be judged on")
     held = evaluate.loaders_for(cfg, device, ["holdout"], sharded=False)["holdout"]
     model, _ = evaluate.load_for_eval(path, cfg, device)
+    if raw:  # the trained weights, not their EMA
+        checkpoint.load_weights(model, ckpt, path)
     amp = runtime.amp_dtype(cfg, device)
     out = {}
     for v in views:
@@ -47,10 +50,11 @@ def line(name, probs, labels):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--raw", action="store_true", help="the trained weights, not their EMA")
     a = p.parse_args(argv)
     device = torch.device("cpu")
     views = ("none",) + dataloader.TTA_VIEWS
-    every = [held_out_probs(path, device, views) for path in a.checkpoints]
+    every = [held_out_probs(path, device, views, a.raw) for path in a.checkpoints]
     for path, res in zip(a.checkpoints, every):
         for v in views:
             print(line(f"{path} [{v}]", res[v][0], res[v][1]))
