@@ -13,6 +13,7 @@ import dataset
 import models
 import report
 import runtime
+from recipes import JUDGING
 from runtime import log
 
 # Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
@@ -130,27 +131,52 @@ def draw(plot, *args):
 
 def load_for_eval(path, cfg, device, expect_model=None):
     ckpt = checkpoint.load(path, expect_model=expect_model)
+    return model_for_eval(ckpt, path, cfg, device), ckpt
+
+
+def model_for_eval(ckpt, path, cfg, device):
     model = models.build_model(ckpt["model"])  # an ensemble's checkpoint holds its bases' weights too
     checkpoint.load_weights(model, {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+    return model
 
 
-def vote_probs(cfg, paths, batches, device, amp, expect_model=None):
-    """Average of the softmax outputs of every checkpoint in `paths` (one path: just that model)."""
+def judged_as(cfg, ckpt, given):
+    """The settings a checkpoint is judged with: those of the run that made it (its TTA and views, layout and
+    precision) unless the command line gave them (`given`), so --evaluate and --predict of a run's checkpoint
+    give its own report and submission."""
+    own = ckpt.get("config") or {}
+    return {**cfg, **{k: own[k] for k in JUDGING if k in own and k not in given}}
+
+
+def describe_judging(cfg, ckpt, amp):
+    views = f"TTA ({cfg['tta_views']})" if cfg["tta"] else "no TTA"
+    weights = "EMA weights" if ckpt.get("ema_state_dict") is not None else "trained weights"
+    return f"{views}, {weights}, {str(amp).replace('torch.', '') if amp else 'fp32'}"
+
+
+def vote_probs(cfg, paths, batches, device, amp, expect_model=None, given=None):
+    """Average of the softmax outputs of every checkpoint in `paths` (one path: just that model). given: the flags
+    of an --evaluate / --predict command, each checkpoint being judged as its run judged it where they say
+    nothing (judged_as); None: judged with cfg as it is (the end of a run: its own settings)."""
     total = 0
     for path in paths:
-        model, _ = load_for_eval(path, cfg, device, expect_model if len(paths) == 1 else None)
-        probs, pos, _, _ = predict_probs(model, batches, cfg, device, amp, cfg["tta"], f"{os.path.basename(path)}")
+        ckpt = checkpoint.load(path, expect_model=expect_model if len(paths) == 1 else None)
+        own = cfg if given is None else judged_as(cfg, ckpt, given)
+        own_amp = amp if given is None else runtime.amp_dtype(own, device)
+        model = model_for_eval(ckpt, path, own, device)
+        if given is not None:
+            log(f"{path}: judged with {describe_judging(own, ckpt, own_amp)}")
+        probs, pos, _, _ = predict_probs(model, batches, own, device, own_amp, own["tta"], f"{os.path.basename(path)}")
         total = total + probs
     return total / len(paths), pos
 
 
-def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None):
+def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None, given=None):
     va = loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
-    probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model)
+    probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model, given)
     y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
     rep = report.build_report(y, pred)
     rep["checkpoints"] = list(paths)
@@ -162,16 +188,17 @@ def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_mode
     return rep, probs, pos, va
 
 
-def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None):
+def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None, given=None):
     te = loaders_for(cfg, device, ["test"], sharded=False)["test"]
-    probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model)
+    probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model, given)
     ids = [te.ids[i] for i in pos.tolist()]
     report.write_submission(out_csv, ids, probs.argmax(1).tolist())
     log(f"submission: {out_csv} ({len(ids)} rows, test.csv order)")
 
 
-def analyze(cfg, path, out_dir, device, amp, expect_model=None):
-    rep, probs, pos, va = evaluate_checkpoints(cfg, [path], out_dir, device, amp, f"analysis of {path}", expect_model)
+def analyze(cfg, path, out_dir, device, amp, expect_model=None, given=None):
+    rep, probs, pos, va = evaluate_checkpoints(cfg, [path], out_dir, device, amp, f"analysis of {path}", expect_model,
+                                               given)
     data = dataset.load_split_tensors(cfg["data_dir"], "validation", cfg["cache_dir"], log=log)
     y = va.labels[pos]
     loss = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().squeeze(1)

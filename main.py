@@ -43,7 +43,7 @@ def build_parser():
                    "or --predict given as 'vote'): e.g. --evaluate vote --ensemble-of a.pth b.pth")
     g.add_argument("--summary", action="store_true", help="print the model's layer table and exit")
     g.add_argument("--resume", metavar="PATH", nargs="?", const="latest",
-                   help="continue a run: a run folder or last.pth (default: the latest run of --model)")
+                   help="continue a run: a run folder or last.pth (default: the latest run, of --model if given)")
     a("--model", choices=list(RECIPES), help="three (ThreeCNN), skip (SkipConCNN), ensemble (EnsembleCNN) or res "
                                              "(ResCNN, ours, not the report's)")
     a("--data-dir", help="folder with train.csv, validation.csv, test.csv and the image folders (default: dataset)")
@@ -170,14 +170,14 @@ def run_command(args, cfg, given):
         raise UserError("'vote' needs --ensemble-of CKPT CKPT ...")
     name = "vote" if target == "vote" else checkpoint.load(target, expect)["model"]
     cfg = {**cfg, "model": name}  # the model evaluated sets the GPU evaluation batch
-    if args.analyze:
-        evaluate.analyze(cfg, target, runs.command_dir(cfg, "analyze", name), device, amp, expect)
+    if args.analyze:  # each checkpoint judged as its run judged it, but for the flags given
+        evaluate.analyze(cfg, target, runs.command_dir(cfg, "analyze", name), device, amp, expect, given)
     elif args.evaluate:
         evaluate.evaluate_checkpoints(cfg, paths, runs.command_dir(cfg, "evaluate", name), device, amp,
-                                      expect_model=expect)
+                                      expect_model=expect, given=given)
     else:
         out = runs.command_dir(cfg, "predict", name)
-        evaluate.predict_checkpoints(cfg, paths, os.path.join(out, "submission.csv"), device, amp, expect)
+        evaluate.predict_checkpoints(cfg, paths, os.path.join(out, "submission.csv"), device, amp, expect, given)
     return 0
 
 

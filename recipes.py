@@ -74,6 +74,10 @@ DEFAULTS = dict(
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
+# Settings that change a checkpoint's predictions: --evaluate / --predict / --analyze judge a checkpoint with its
+# run's own unless given on the command line (evaluate.judged_as).
+JUDGING = ("tta", "tta_views", "channels_last", "amp")
+
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly", "loader", "cache_dir",
                      "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir"}

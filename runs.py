@@ -104,12 +104,15 @@ def check_output(cfg, run_dir, model):
 # ==============================================================================================
 # Resuming
 
-def find_resume(cfg, path):
+def find_resume(cfg, path, model=None):
+    """The last.pth to resume: PATH's, or for a bare --resume the latest run's under --out-dir (of `model` when
+    --model was given: its folders are named <model>-<time>)."""
     if path == "latest":
-        runs = sorted(glob.glob(os.path.join(cfg["out_dir"], f"{cfg['model']}-*", "last.pth")), key=os.path.getmtime)
+        runs = sorted(glob.glob(os.path.join(glob.escape(cfg["out_dir"]), f"{model}-*" if model else "*", "last.pth")),
+                      key=os.path.getmtime)
         if not runs:
-            raise UserError(f"--resume: no run of '{cfg['model']}' with a last.pth under {cfg['out_dir']}/: "
-                            f"pass the run folder or its last.pth")
+            raise UserError(f"--resume: no run{f' of {model!r}' if model else ''} with a last.pth under "
+                            f"{cfg['out_dir']}/: pass the run folder or its last.pth")
         return runs[-1]
     if not os.path.isdir(path):
         return path
@@ -155,7 +158,7 @@ def open_resume(cfg, given, resume):
     ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between),
     'promote' (all but the promotion of its best: killed, or CKPT_DIR unwritable, at that moment) or 'nothing'.
     A finished run trains again where a larger --epochs or --early-stop gives it room."""
-    path = find_resume(cfg, resume)
+    path = find_resume(cfg, resume, cfg["model"] if "model" in given else None)
     ckpt = checkpoint.load(path, expect_model=cfg["model"] if "model" in given else None)
     if not {"optimizer", "plan", "rng", "finished"} <= set(ckpt):
         raise UserError(f"{path} holds weights but no training state: resume from a run's last.pth (or its folder)")
@@ -198,9 +201,9 @@ def start_log(run, resumed):
                "world_size": runtime.WORLD, "torch": torch.__version__}
     checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
     write_log(run.log_csv, kept_log_rows(run.log_csv, run.epoch) if resumed else [])
-    note = runtime.precision_note(cfg, device, amp)
-    if note:
-        log(note)
+    for note in (runtime.device_note(cfg, device), runtime.precision_note(cfg, device, amp)):
+        if note:
+            log(note)
     log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
         f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
         f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")

@@ -109,6 +109,16 @@ def amp_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
+def device_note(cfg, device):
+    """The line a run prints when it falls back to the CPU because no CUDA GPU was found (--device not given)."""
+    if device.type != "cpu" or cfg["device"] is not None:
+        return None
+    return ("note: no CUDA GPU found (torch.cuda.is_available() is False), so this run trains on the CPU, where an "
+            "epoch takes minutes to an hour instead of seconds (docs/performance.md). With an NVIDIA GPU, install "
+            "PyTorch's CUDA build (README: Install); --minutes N fits a run to the time you have; --device cpu "
+            "trains on the CPU without this note")
+
+
 def precision_note(cfg, device, amp):
     """The line a run on a CPU without bf16 instructions prints once: it trains in fp32, and why."""
     if device.type != "cpu" or amp is not None or cfg["amp"] != "auto" or cpu_has_bf16():
