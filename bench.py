@@ -147,7 +147,7 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
     (one more batch) and the GradScaler (a few scalars)."""
     cfg = {**recipes.resolve_config(main.parse_args(["--model", name, "--preset", preset]))[0], "quiet": True}
     cpu = torch.device("cpu")
-    batch, eval_batch = cfg["batch_size"], eval_batch or evaluate.eval_batch_size(cfg, "cuda")
+    batch, eval_batch = cfg["batch_size"], eval_batch or dataloader.eval_batch_size(cfg, "cuda")
     gen = torch.Generator().manual_seed(0)
     real_constants = dict(dataloader._NORM)  # normalize()'s cached constants: fake ones must not outlive this
     dataloader._NORM.clear()
@@ -278,7 +278,7 @@ class Bench:
         self.measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
                      lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch,
                      self.flops_extra(fast_model, True))
-        eval_batch = a.batch_size or evaluate.eval_batch_size({**recipes.DEFAULTS, "model": name}, device)
+        eval_batch = a.batch_size or dataloader.eval_batch_size({**recipes.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = self.loaders(batch, False, "images"), self.loaders(eval_batch, False, "tensors")
         self.measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
                      lambda: infer_steps(fast_run, fast_ev, amp, True, device), batch, eval_batch,

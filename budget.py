@@ -76,7 +76,7 @@ def _size_epochs(run, step, started):
     judged = run.val_batches.n + (run.holdout_batches.n if run.holdout_batches is not None else 0)
     judging_s = judged * eval_s / (views if cfg["select"] == "last" else 1)  # each epoch's, TTA where it decides
     epoch_s = len(tr) * step_s + judging_s
-    end_s = (run.val_batches.n + run.test_images) * eval_s + END_S
+    end_s = (run.val_batches.n + run.test_batches.n) * eval_s + END_S
     epochs = fit_epochs(cfg["minutes"] * 60, time.time() - started, epoch_s, end_s)
     log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(tr)} steps at {len(x) / step_s:.0f} "
         f"img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} (saved with the run: a "

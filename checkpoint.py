@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from dataset import UserError
+from errors import UserError
 
 FORMAT = 1
 

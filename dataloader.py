@@ -6,9 +6,10 @@
                    kept on the training device; each batch is gathered by index and augmented whole (on a
                    GPU, several batches at once: GPU_CHUNK_IMAGES).
 
-Both give `plan(gen)` (the epoch's plan: sample order, and for TensorBatches every flip and angle) and
-`batches(plan, gen, start)` which yields (images float NCHW on the device, labels or None, positions
-in the split). The augmentation is the same either way: horizontal flip p=0.5, rotation uniform in
+loaders_for makes the loaders of a run or a command (training, validation, --holdout's rows, test) at their
+batch sizes. Both kinds give `plan(gen)` (the epoch's plan: sample order, and for TensorBatches every flip,
+angle and shift) and `batches(plan, gen, start)` which yields (images float NCHW on the device, labels or
+None, positions in the split). The augmentation is the same either way: horizontal flip p=0.5, rotation uniform in
 [-ROTATE, ROTATE] degrees (nearest, zero fill; the report's 15, --rotate), a shift by whole pixels in
 [-SHIFT, SHIFT] on each axis (zero fill; off in the report, --shift), then ImageNet normalisation;
 validation and test are only normalised.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+import runtime
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the report normalises
 STD = (0.229, 0.224, 0.225)
@@ -253,3 +255,44 @@ def make_batches(data_dir, split, batch_size, train, device, loader="tensors", c
                 "using the per-image loader")
     data = dataset.CsvImageDataset(data_dir, split, report_transform(train, max_angle, shift), rows)
     return ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loaders of a run
+
+# Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
+# so at 256 images its evaluation needs ~3.1 GiB of tensors in fp16 (data and training state included):
+# more than a GTX 1650's 4 GiB leaves after the CUDA context. 64 keeps every model under ~1.3 GiB
+# (python bench.py --memory; docs/performance.md).
+EVAL_BATCH_GPU = {"three": 256, "skip": 64, "ensemble": 64}
+
+
+def eval_batch_size(cfg, device):
+    """--eval-batch-size, else EVAL_BATCH_GPU on a GPU and 16 on a CPU (measured fastest there: activations
+    stay in cache; bench.py, docs/performance.md)."""
+    if cfg["eval_batch_size"]:
+        return cfg["eval_batch_size"]
+    if torch.device(device).type != "cuda":
+        return 16
+    return EVAL_BATCH_GPU.get(cfg["model"], min(EVAL_BATCH_GPU.values()))  # a vote may hold any model
+
+
+def loaders_for(cfg, device, splits, train_split=None, sharded=True):
+    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch. With --holdout,
+    the training split loses its held-out rows, and "holdout" (a split name here) is those rows, judged as
+    validation is."""
+    kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
+              pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=runtime.log,
+              max_angle=cfg["rotate"], shift=cfg["shift"])
+    parts = {}
+    if cfg["holdout"] and ("holdout" in splits or train_split == "train"):
+        labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()
+        parts["train"], parts["holdout"] = dataset.holdout_split(labels, cfg["holdout"], cfg["seed"])
+    out = {}
+    for split in splits:
+        train = split == train_split
+        bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
+        out[split] = make_batches(cfg["data_dir"], "train" if split == "holdout" else split, bs, train,
+                                  shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1), rows=parts.get(split),
+                                  **kw)
+    return out

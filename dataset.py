@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 import demo_data
 import locks
 from errors import UserError  # noqa: F401 (raised here, and imported from here by others)
-from recipes import DEMO_DIR, NUM_CLASSES  # noqa: F401
+from recipes import DEMO_DIR, NUM_CLASSES
 
 IMAGE_SIZE = 100
 SPLITS = ("train", "validation", "test")

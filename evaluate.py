@@ -13,46 +13,8 @@ import dataset
 import models
 import report
 import runtime
-from recipes import JUDGING
+from recipes import JUDGING, NUM_CLASSES
 from runtime import log
-
-# Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
-# so at 256 images its evaluation needs ~3.1 GiB of tensors in fp16 (data and training state included):
-# more than a GTX 1650's 4 GiB leaves after the CUDA context. 64 keeps every model under ~1.3 GiB
-# (python bench.py --memory; docs/performance.md).
-EVAL_BATCH_GPU = {"three": 256, "skip": 64, "ensemble": 64}
-
-
-def eval_batch_size(cfg, device):
-    """--eval-batch-size, else EVAL_BATCH_GPU on a GPU and 16 on a CPU (measured fastest there: activations
-    stay in cache; bench.py, docs/performance.md)."""
-    if cfg["eval_batch_size"]:
-        return cfg["eval_batch_size"]
-    if torch.device(device).type != "cuda":
-        return 16
-    return EVAL_BATCH_GPU.get(cfg["model"], min(EVAL_BATCH_GPU.values()))  # a vote may hold any model
-
-
-def loaders_for(cfg, device, splits, train_split=None, sharded=True):
-    """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch. With --holdout,
-    the training split loses its held-out rows, and "holdout" (a split name here) is those rows, judged as
-    validation is."""
-    kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
-              pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=log, max_angle=cfg["rotate"],
-              shift=cfg["shift"])
-    parts = {}
-    if cfg["holdout"] and ("holdout" in splits or train_split == "train"):
-        labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()
-        parts["train"], parts["holdout"] = dataset.holdout_split(labels, cfg["holdout"], cfg["seed"])
-    out = {}
-    for split in splits:
-        train = split == train_split
-        bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
-        out[split] = dataloader.make_batches(cfg["data_dir"], "train" if split == "holdout" else split, bs, train,
-                                             shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1),
-                                             rows=parts.get(split), **kw)
-    return out
-
 
 # ==============================================================================================
 # Probabilities and validation
@@ -105,7 +67,7 @@ def evaluate_split(model, batches, cfg, device, amp):
     probs, pos, loss_sum, count = predict_probs(model, batches, cfg, device, amp, tta, "validate")
     y = batches.labels[pos]
     pred = probs.argmax(1)
-    k = dataset.NUM_CLASSES
+    k = NUM_CLASSES
     per_class = torch.stack([torch.bincount(y, minlength=k), torch.bincount(y[pred == y], minlength=k)]).float()
     totals = torch.cat([torch.stack([loss_sum.cpu(), torch.tensor(float(count))]), per_class.flatten()])
     if runtime.WORLD > 1:
@@ -119,15 +81,6 @@ def evaluate_split(model, batches, cfg, device, amp):
 
 # ==============================================================================================
 # Checkpoints judged: evaluate, predict (one checkpoint or a soft vote), analyze
-
-def draw(plot, *args):
-    """Pictures are extras: one that cannot be drawn (a broken matplotlib, say) is a note, not a lost submission.
-    The last argument is the picture's path."""
-    try:
-        plot(*args)
-    except Exception as e:
-        log(f"note: could not draw {args[-1]} ({type(e).__name__}: {e})")
-
 
 def load_for_eval(path, cfg, device, expect_model=None):
     ckpt = checkpoint.load(path, expect_model=expect_model)
@@ -175,22 +128,32 @@ def vote_probs(cfg, paths, batches, device, amp, expect_model=None, given=None):
 
 
 def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None, given=None):
-    va = loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
+    va = dataloader.loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
     probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model, given)
-    y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
-    rep = report.build_report(y, pred)
-    rep["checkpoints"] = list(paths)
-    text = report.report_text(rep, y, pred, title or ", ".join(paths))
-    log(text)
-    report.save_report(rep, text, out_dir)
-    draw(report.plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
-    log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
+    rep = write_report(probs, pos, va, out_dir, title or ", ".join(paths), paths)
     return rep, probs, pos, va
 
 
+def write_report(probs, pos, va, out_dir, title, paths):
+    """The classification report of validation probabilities: printed, saved as text and JSON, and drawn."""
+    y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
+    rep = report.build_report(y, pred)
+    rep["checkpoints"] = list(paths)
+    text = report.report_text(rep, y, pred, title)
+    log(text)
+    report.save_report(rep, text, out_dir)
+    report.draw(report.plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
+    log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
+    return rep
+
+
 def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None, given=None):
-    te = loaders_for(cfg, device, ["test"], sharded=False)["test"]
+    te = dataloader.loaders_for(cfg, device, ["test"], sharded=False)["test"]
     probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model, given)
+    write_submission(probs, pos, te, out_csv)
+
+
+def write_submission(probs, pos, te, out_csv):
     ids = [te.ids[i] for i in pos.tolist()]
     report.write_submission(out_csv, ids, probs.argmax(1).tolist())
     log(f"submission: {out_csv} ({len(ids)} rows, test.csv order)")

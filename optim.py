@@ -1,36 +1,13 @@
-"""What a training step is made of: the model to train (the ensemble's frozen bases loaded), the loss, the
-optimizer (and loading its saved state), the learning-rate schedule, and batch mixing (mixup / cutmix).
-train.py puts them together into the loop.
+"""What a training step is made of: the loss, the optimizer (and loading its saved state), the learning-rate
+schedule, the EMA of the weights, and batch mixing (mixup / cutmix). train.py puts them together into the loop.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-import dataset
-import models
-from errors import UserError
-from recipes import fixed_class_weights
-
-
-def build_model(cfg):
-    """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
-    if cfg["model"] != "ensemble":
-        return models.build_model(cfg["model"])
-    paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth") for name in ("skip", "three")}
-    missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
-                        f"with 'python main.py --model skip' and '--model three', or pass --skip-ckpt/--three-ckpt")
-    bases = {}
-    for name, path in paths.items():
-        ckpt = checkpoint.load(path, expect_model=name)
-        bases[name] = models.build_model(name)
-        checkpoint.load_weights(bases[name], {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
-    return models.EnsembleCNN(bases["skip"], bases["three"])
+from recipes import NUM_CLASSES, fixed_class_weights
 
 
 def make_loss(cfg, weights=None):
@@ -133,9 +110,9 @@ def make_mix(cfg):
     from torchvision.transforms import v2
     ops = []
     if cfg["mixup"]:
-        ops.append(v2.MixUp(alpha=cfg["mixup"], num_classes=dataset.NUM_CLASSES))
+        ops.append(v2.MixUp(alpha=cfg["mixup"], num_classes=NUM_CLASSES))
     if cfg["cutmix"]:
-        ops.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=dataset.NUM_CLASSES))
+        ops.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=NUM_CLASSES))
     return v2.RandomChoice(ops) if ops else None
 
 

@@ -8,8 +8,9 @@ import os
 import numpy as np
 
 from checkpoint import atomic_write_bytes, atomic_write_text
+from recipes import NUM_CLASSES
 
-CLASSES = [str(k) for k in range(5)]
+CLASSES = [str(k) for k in range(NUM_CLASSES)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +112,15 @@ def plot_confusion(rep, path):
         ax.set(title=title, xlabel="predicted", ylabel="actual", xticks=range(len(CLASSES)), yticks=range(len(CLASSES)))
     fig.suptitle(f"Validation accuracy {rep['accuracy'] * 100:.2f}%")
     _save_fig(fig, path)
+
+
+def draw(plot, *args):
+    """Pictures are extras: one that cannot be drawn (a broken matplotlib, say) is a note, not a lost submission.
+    The last argument is the picture's path."""
+    try:
+        plot(*args)
+    except Exception as e:
+        print(f"note: could not draw {args[-1]} ({type(e).__name__}: {e})", flush=True)
 
 
 def read_log(path):

@@ -16,13 +16,12 @@ import tempfile
 import torch
 
 import checkpoint
-import dataset
 import locks
 import models
 import optim
 import runtime
 from errors import DISK_ERRORS, UserError
-from recipes import DEFAULTS, RESUME_MAY_CHANGE
+from recipes import DEFAULTS, NUM_CLASSES, RESUME_MAY_CHANGE
 from runtime import log
 
 PROMOTED = "promotion.txt"  # in a run folder once its best was compared with CKPT_DIR's (what happened, one line)
@@ -232,11 +231,13 @@ def kept_log_rows(path, epoch):
         return [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
 
 
-def write_validation_figure(best, accuracy):
-    """best.pth with the validation accuracy it was judged at, the figure its promotion is compared on."""
-    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+def write_validation_figure(best, ckpt, accuracy):
+    """best.pth (loaded as ckpt) with the validation accuracy it was judged at, the figure its promotion is compared
+    on. Returns the checkpoint as saved."""
     if ckpt.get("val_acc") != accuracy:
-        checkpoint.save({**ckpt, "val_acc": accuracy}, best)
+        ckpt = {**ckpt, "val_acc": accuracy}
+        checkpoint.save(ckpt, best)
+    return ckpt
 
 
 def validation_figure(ckpt):
@@ -247,16 +248,17 @@ def validation_figure(ckpt):
     return ckpt["best_acc"] if (ckpt.get("config") or {}).get("select", "val") == "val" else None
 
 
-def promote(best, cfg):
+def promote(best, cfg, new=None):
     """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look, as one
     transaction under a lock on that file (runs ending together take turns): an earlier one that scored higher
     on the same validation images stays (a 2-epoch try must not displace a 10-hour run); any other earlier one is
     kept aside under a new name (a hard link: no copy, and at no instant is there no <model>_best.pth), then the
     new one replaces it in one os.replace. A kill at any point leaves the old file or the new one. The figure
-    compared is each checkpoint's validation accuracy, whatever chose it (--select). Returns the line it logged."""
+    compared is each checkpoint's validation accuracy, whatever chose it (--select). new: best.pth as loaded, where
+    at hand. Returns the line it logged."""
     dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
     with locks.held(os.path.join(cfg["ckpt_dir"], f".{cfg['model']}_best.lock")):
-        line = _promote(best, dest, cfg)
+        line = _promote(best, dest, cfg, new)
     log(line)
     return line
 
@@ -272,11 +274,11 @@ def keep_aside(src, path):
             shutil.copyfileobj(f, out)
 
 
-def _promote(best, dest, cfg):
+def _promote(best, dest, cfg, new):
     if os.path.exists(dest) and filecmp.cmp(best, dest, shallow=False):  # a finished run resumed: already there
         return f"best checkpoint: {dest}"
     if os.path.exists(dest):
-        new = torch.load(best, map_location="cpu", weights_only=True)
+        new = new or torch.load(best, map_location="cpu", weights_only=True)
         try:
             old = torch.load(dest, map_location="cpu", weights_only=True)
             same_rows = (old.get("data") or {}).get("validation", [])[:2] == new["data"]["validation"][:2]
@@ -297,6 +299,11 @@ def _promote(best, dest, cfg):
 
 # ==============================================================================================
 # A run's state in last.pth / best.pth, and back
+
+# Where a run stands, with the values a new run starts from: what last.pth saves besides the weights, optimizer,
+# schedule, scaler, EMA and random state, and where a resumed run goes on. Declared once: a new run, snapshot and
+# restore all follow it. (Beside them: `partial`, the epoch's running loss and accuracy, a tensor on the device.)
+COUNTERS = dict(epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None)
 
 def restore(run, ckpt, path):
     """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
@@ -319,7 +326,7 @@ def restore(run, ckpt, path):
         checkpoint.load_weights(run.ema.module, ckpt, path, key="ema_state_dict")
         run.ema.n_averaged.fill_(ckpt["ema_n"])
     checkpoint.set_rng_state(ckpt["rng"], run.gen)
-    for k in ("epoch", "step", "best_acc", "best_epoch", "bad_epochs", "plan", "recall"):
+    for k in COUNTERS:
         setattr(run, k, ckpt[k])
     run.partial = ckpt["partial"].to(run.device)
     log(f"resuming {run.run_dir} at epoch {run.epoch + 1}" + (f", step {run.step + 1}" if run.step else ""))
@@ -328,13 +335,13 @@ def restore(run, ckpt, path):
 def snapshot(run, finished=False):
     """What last.pth and best.pth hold: plain types and tensors (checkpoint.py loads them weights_only)."""
     ema = run.ema
-    return dict(format=checkpoint.FORMAT, model=run.cfg["model"], num_classes=dataset.NUM_CLASSES,
-                config=absolute_paths(run.cfg), epoch=run.epoch, step=run.step, best_acc=run.best_acc,
-                best_epoch=run.best_epoch, bad_epochs=run.bad_epochs, finished=finished,
+    return dict(format=checkpoint.FORMAT, model=run.cfg["model"], num_classes=NUM_CLASSES,
+                config=absolute_paths(run.cfg), **{k: getattr(run, k) for k in COUNTERS}, finished=finished,
                 state_dict=run.raw.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
                 scaler=run.scaler.state_dict(), ema_state_dict=ema.module.state_dict() if ema is not None else None,
                 ema_n=int(ema.n_averaged) if ema is not None else 0, rng=checkpoint.rng_state(run.gen),
-                plan=run.plan, partial=run.partial.cpu(), recall=run.recall, data=run.data_rows)
+                partial=run.partial.cpu(), data=run.data_rows)
+
 
 def write(run, fn, *args):
     """A disk that fills up (or a folder that loses its write permission) mid-run: one line with the way back,

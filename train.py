@@ -15,8 +15,10 @@ import torch.nn as nn
 
 import budget
 import checkpoint
+import dataloader
 import dataset
 import evaluate
+import models
 import optim
 import report
 import runs
@@ -179,8 +181,8 @@ def set_up(cfg, given, resume):
     data_rows = dataset.check_data(cfg["data_dir"])
     if ckpt is not None:
         runs.check_resume_data(ckpt, data_rows, cfg, path)
-    tr, va, held, n_test = load_data(cfg, device)
-    raw = optim.build_model(cfg).to(device)
+    tr, va, held, te = load_data(cfg, device)
+    raw = models.build_for_run(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
     opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
@@ -191,14 +193,12 @@ def set_up(cfg, given, resume):
     ema = optim.make_ema(raw, cfg["ema"]) if cfg["ema"] else None
     run = SimpleNamespace(
         cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
-        holdout_batches=held, test_images=n_test,
+        holdout_batches=held, test_batches=te,
         raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt, len(tr)),
         ema=ema,
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=optim.make_mix(cfg),
         run_dir=run_dir, last=os.path.join(run_dir, "last.pth"), log_csv=os.path.join(run_dir, "log.csv"),
-        # the counters: what last.pth saves besides the weights, and where a resumed run goes on
-        epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None,
-        partial=torch.zeros(3, device=device), finished=False)
+        **runs.COUNTERS, partial=torch.zeros(3, device=device), finished=False)  # where the run stands
     if ckpt is not None:
         runs.restore(run, ckpt, path)
     run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, device, run.recall))
@@ -211,15 +211,10 @@ def set_up(cfg, given, resume):
 
 
 def load_data(cfg, device):
-    """The train, validation and held-out batches, and the number of test images. Decoded (and so checked)
-    before any run folder exists: a bad image costs seconds, not a run. The test split too, though it is
-    predicted only at the end: into the decode cache, where the end finds it."""
-    splits = ["train", "validation"] + (["holdout"] if cfg["holdout"] else [])
-
-    def load():
-        test = dataset.load_split_tensors(cfg["data_dir"], "test", cfg["cache_dir"], log=log)
-        return evaluate.loaders_for(cfg, device, splits, train_split="train"), len(test["ids"])
-    loaders, n_test = runtime.first_on_each_machine(load)
+    """The train, validation, held-out and test batches. Decoded (and so checked) before any run folder exists: a
+    bad image costs seconds, not a run; the test split too, though it is predicted only at the end."""
+    splits = ["train", "validation", "test"] + (["holdout"] if cfg["holdout"] else [])
+    loaders = runtime.first_on_each_machine(lambda: dataloader.loaders_for(cfg, device, splits, train_split="train"))
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "
@@ -227,7 +222,7 @@ def load_data(cfg, device):
     if "holdout" in loaders:
         log(f"holding out {loaders['holdout'].n} of train.csv's rows (--holdout {cfg['holdout']}, seed "
             f"{cfg['seed']}) to choose the checkpoint on; training on the other {tr.n}")
-    return tr, va, loaders.get("holdout"), n_test
+    return tr, va, loaders.get("holdout"), loaders["test"]
 
 
 def claim_run_dir(cfg):
@@ -346,26 +341,33 @@ def finish(run):
     """Training is over: mark last.pth finished, judge the best checkpoint, write the submission."""
     if not run.finished and runtime.RANK == 0:  # ran out of epochs exactly at a boundary
         runs.save_state(run, run.last, True)
-    if runtime.RANK == 0:
-        finish_run(run.cfg, run.run_dir, run.device, run.amp)
+    if runtime.RANK == 0:  # the splits already in memory, unless each process holds only its share (torchrun)
+        batches = {"validation": run.val_batches, "test": run.test_batches} if runtime.WORLD == 1 else None
+        finish_run(run.cfg, run.run_dir, run.device, run.amp, batches)
     if runtime.WORLD > 1:
         torch.distributed.barrier()
     return 0
 
 
-def finish_run(cfg, run_dir, device, amp):
-    """After training: judge the best checkpoint on validation (the figure is saved in it), predict test, keep the
-    best where users find it."""
+def finish_run(cfg, run_dir, device, amp, batches=None):
+    """After training: the best checkpoint, loaded once, judged on validation (the figure is saved in it) and
+    predicting test, then kept where users find it. batches: the validation and test loaders, when at hand."""
     best = os.path.join(run_dir, "best.pth")
-    rep = evaluate.evaluate_checkpoints(cfg, [best], run_dir, device, amp,
-                                        title=f"{cfg['model']}: best checkpoint of {run_dir}")[0]
-    runs.write_validation_figure(best, rep["accuracy"])
-    evaluate.predict_checkpoints(cfg, [best], os.path.join(run_dir, "submission.csv"), device, amp)
-    promote_best(cfg, run_dir)
-    evaluate.draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
+    ckpt = checkpoint.load(best)
+    model = evaluate.model_for_eval(ckpt, best, cfg, device)
+    if batches is None:
+        batches = dataloader.loaders_for(cfg, device, ["validation", "test"], sharded=False)
+    va, te = batches["validation"], batches["test"]
+    probs, pos, _, _ = evaluate.predict_probs(model, va, cfg, device, amp, cfg["tta"], "validate")
+    rep = evaluate.write_report(probs, pos, va, run_dir, f"{cfg['model']}: best checkpoint of {run_dir}", [best])
+    ckpt = runs.write_validation_figure(best, ckpt, rep["accuracy"])
+    probs, pos, _, _ = evaluate.predict_probs(model, te, cfg, device, amp, cfg["tta"], "predict")
+    evaluate.write_submission(probs, pos, te, os.path.join(run_dir, "submission.csv"))
+    promote_best(cfg, run_dir, ckpt)
+    report.draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
 
 
-def promote_best(cfg, run_dir):
+def promote_best(cfg, run_dir, ckpt=None):
     """The run's best compared with CKPT_DIR's (runs.promote), and that it was, noted in the run folder."""
-    line = runs.promote(os.path.join(run_dir, "best.pth"), cfg)
+    line = runs.promote(os.path.join(run_dir, "best.pth"), cfg, ckpt)
     checkpoint.atomic_write_text(os.path.join(run_dir, runs.PROMOTED), line + "\n")

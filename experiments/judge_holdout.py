@@ -28,7 +28,7 @@ def held_out_probs(path, device, views, raw=False):
     cfg = {**DEFAULTS, **ckpt["config"], "quiet": True, "device": str(device), "loader": "tensors"}
     if not cfg["holdout"]:
         sys.exit(f"error: {path} comes from a run without --holdout: it has no held-out rows to be judged on")
-    held = evaluate.loaders_for(cfg, device, ["holdout"], sharded=False)["holdout"]
+    held = dataloader.loaders_for(cfg, device, ["holdout"], sharded=False)["holdout"]
     model, _ = evaluate.load_for_eval(path, cfg, device)
     if raw:  # the trained weights, not their EMA
         checkpoint.load_weights(model, ckpt, path)

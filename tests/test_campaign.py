@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
-import evaluate
+import dataloader
 import main
 import models
 import optim
@@ -102,7 +102,7 @@ def test_holdout_is_disjoint_stratified_and_reproducible():
 def test_held_out_rows_are_never_trained_on(loader, tiny_data):
     cfg = {**recipes.DEFAULTS, "data_dir": tiny_data, "holdout": 0.2, "seed": 0, "batch_size": 8, "loader": loader,
            "workers": 0}
-    b = evaluate.loaders_for(cfg, "cpu", ["train", "holdout"], train_split="train")
+    b = dataloader.loaders_for(cfg, "cpu", ["train", "holdout"], train_split="train")
     ids = dataset.read_split_csv(tiny_data, "train")["image_id"].tolist()
     assert set(b["train"].ids).isdisjoint(b["holdout"].ids) and len(b["holdout"].ids) == 5  # 1 of each class's 6
     assert sorted(b["train"].ids + b["holdout"].ids) == sorted(ids)

@@ -1,7 +1,6 @@
 """A student's first hour: a checkpoint is judged as its run judged it, the device a run trains on is said, and
 a bare --resume continues the latest run whatever its model."""
 import pandas as pd
-import pytest
 
 import runtime
 from conftest import base_args

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import dataloader
 import dataset
 import demo_data
 import evaluate
@@ -485,14 +486,14 @@ def test_validation_out_of_memory_when_shared_out_names_the_flag_and_the_resume(
                                                                                monkeypatch, at_epoch):
     # Under torchrun each process validates its share of every batch, so the batch cannot be halved there:
     # the validation loader is given a share here (process 0 of 2) without starting processes.
-    loaders_for = evaluate.loaders_for
+    loaders_for = dataloader.loaders_for
 
     def shared_validation(cfg, device, splits, train_split=None, sharded=True):
         out = loaders_for(cfg, device, splits, train_split, sharded)
         if train_split:
             out["validation"].rank, out["validation"].world = 0, 2
         return out
-    monkeypatch.setattr(evaluate, "loaders_for", shared_validation)
+    monkeypatch.setattr(dataloader, "loaders_for", shared_validation)
     last = tmp_path / "runs" / "r" / "last.pth"
     _oom_in_evaluation(monkeypatch, lambda x: at_epoch == 1 or last.exists())
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--eval-batch-size", "8"))

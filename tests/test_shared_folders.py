@@ -92,7 +92,7 @@ def test_a_kill_during_promotion_leaves_a_whole_best_and_the_resume_completes_it
 
 
 def test_a_promotion_stopped_by_a_read_only_folder_is_completed_on_resume(tiny_data, tmp_path, run_main, monkeypatch):
-    def read_only(best, cfg):
+    def read_only(best, cfg, new=None):
         raise PermissionError(errno.EACCES, "Permission denied", cfg["ckpt_dir"])
     monkeypatch.setattr(runs, "promote", read_only)
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
