@@ -235,14 +235,19 @@ _NOTES_GIVEN = set()
 
 def make_batches(data_dir, split, batch_size, train, device, loader="tensors", cache_dir=None, workers=4,
                  pin_memory=True, max_memory_gb=4.0, shard=(0, 1), log=print, rows=None, max_angle=MAX_ANGLE,
-                 shift=0):
+                 shift=0, files=None, decoded=None):
     """The loader for one split (or for `rows` of it: --holdout's parts of train). loader: 'tensors' (fast,
     falls back to 'images' over the memory budget) or 'images' (the report's per-image path). max_angle and
-    shift: the training augmentation's rotation (degrees) and shift (pixels)."""
+    shift: the training augmentation's rotation (degrees) and shift (pixels). files: the split as check_data
+    read it (else read here); decoded: {split: tensors} already decoded, which this adds to."""
+    files = files or dataset.read_split(data_dir, split)
     if loader == "tensors":
-        nbytes = dataset.split_nbytes(len(dataset.read_split_csv(data_dir, split)))
+        nbytes = dataset.split_nbytes(len(files.df))
         if nbytes <= max_memory_gb * 2**30:
-            data = dataset.load_split_tensors(data_dir, split, cache_dir, log=log)
+            decoded = {} if decoded is None else decoded
+            if split not in decoded:  # train and its held-out rows: decoded (or read from the cache) once
+                decoded[split] = dataset.load_split_tensors(data_dir, split, cache_dir, log=log, files=files)
+            data = decoded[split]
             images, labels, ids = data["images"], data["labels"], data["ids"]
             if rows is not None:
                 rows_t = torch.as_tensor(rows, dtype=torch.long)
@@ -253,7 +258,7 @@ def make_batches(data_dir, split, batch_size, train, device, loader="tensors", c
             _NOTES_GIVEN.add((data_dir, split))
             log(f"note: {split} ({nbytes / 2**20:,.0f} MB decoded) exceeds --max-memory-gb {max_memory_gb}; "
                 "using the per-image loader")
-    data = dataset.CsvImageDataset(data_dir, split, report_transform(train, max_angle, shift), rows)
+    data = dataset.CsvImageDataset(data_dir, split, report_transform(train, max_angle, shift), rows, files)
     return ImageBatches(data, batch_size, train, device, workers, pin_memory, shard)
 
 
@@ -277,22 +282,23 @@ def eval_batch_size(cfg, device):
     return EVAL_BATCH_GPU.get(cfg["model"], min(EVAL_BATCH_GPU.values()))  # a vote may hold any model
 
 
-def loaders_for(cfg, device, splits, train_split=None, sharded=True):
+def loaders_for(cfg, device, splits, train_split=None, sharded=True, data=None):
     """Loaders for `splits`; sharded: under torchrun each process gets its share of every batch. With --holdout,
     the training split loses its held-out rows, and "holdout" (a split name here) is those rows, judged as
-    validation is."""
+    validation is. data: {split: SplitFiles} as check_data read them (else each split is read here)."""
+    data = dict(data or {})
     kw = dict(device=device, loader=cfg["loader"], cache_dir=cfg["cache_dir"], workers=cfg["workers"],
               pin_memory=cfg["pin_memory"], max_memory_gb=cfg["max_memory_gb"], log=runtime.log,
-              max_angle=cfg["rotate"], shift=cfg["shift"])
+              max_angle=cfg["rotate"], shift=cfg["shift"], decoded={})
     parts = {}
     if cfg["holdout"] and ("holdout" in splits or train_split == "train"):
-        labels = dataset.read_split_csv(cfg["data_dir"], "train")["label"].to_numpy()
-        parts["train"], parts["holdout"] = dataset.holdout_split(labels, cfg["holdout"], cfg["seed"])
+        data["train"] = data.get("train") or dataset.read_split(cfg["data_dir"], "train")
+        parts["train"], parts["holdout"] = dataset.holdout_split(data["train"].df["label"].to_numpy(), cfg["holdout"],
+                                                                 cfg["seed"])
     out = {}
     for split in splits:
-        train = split == train_split
+        train, on_disk = split == train_split, "train" if split == "holdout" else split
         bs = cfg["batch_size"] if train else eval_batch_size(cfg, device)
-        out[split] = make_batches(cfg["data_dir"], "train" if split == "holdout" else split, bs, train,
-                                  shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1), rows=parts.get(split),
-                                  **kw)
+        out[split] = make_batches(cfg["data_dir"], on_disk, bs, train, rows=parts.get(split), files=data.get(on_disk),
+                                  shard=(runtime.RANK, runtime.WORLD) if sharded else (0, 1), **kw)
     return out

@@ -9,6 +9,7 @@ import hashlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -68,21 +69,35 @@ def read_split_csv(data_dir, split):
     return df[needed].reset_index(drop=True)
 
 
+class SplitFiles(NamedTuple):
+    """A split as read and checked on disk: its CSV's rows, its image files, and two digests (of the rows, and of
+    the files' names, sizes and times: the decode cache's key)."""
+    df: pd.DataFrame
+    paths: list
+    digest: str
+    files: str
+
+
+def read_split(data_dir, split):
+    df = read_split_csv(data_dir, split)
+    paths = find_images(data_dir, split, df["image_id"].tolist())
+    return SplitFiles(df, paths, hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16],
+                      _cache_key(data_dir, split, paths))
+
+
 def check_data(data_dir):
-    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo
-    set is built first when it is the one asked for and is absent or older). Returns what a resumed run must find
-    again: {split: [rows, digest of its rows, digest of its files' names, sizes and times]} for train and
-    validation."""
+    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo set is
+    built first when it is the one asked for and is absent or older). Returns {split: SplitFiles}: read once,
+    a run's loaders are made from it."""
     if os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):  # absent or of an older version: built (once)
         demo_data.ensure(DEMO_DIR)
-    rows = {}
-    for split in SPLITS:
-        df = read_split_csv(data_dir, split)
-        paths = find_images(data_dir, split, df["image_id"].tolist())
-        if split != "test":
-            rows[split] = [len(df), hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16],
-                           _cache_key(data_dir, split, paths)]
-    return rows
+    return {split: read_split(data_dir, split) for split in SPLITS}
+
+
+def resume_digests(data):
+    """What a resumed run must find again: {split: [rows, digest of its rows, digest of its files]} for train and
+    validation (saved in its checkpoints)."""
+    return {split: [len(f.df), f.digest, f.files] for split, f in data.items() if split != "test"}
 
 
 def holdout_split(labels, fraction, seed):
@@ -150,14 +165,14 @@ class CsvImageDataset:
     """One image at a time from disk (the report's path): (image, label), or (image, image_id) for test.
     A map-style dataset for torch's DataLoader (it needs only __len__ and __getitem__)."""
 
-    def __init__(self, data_dir, split, transform=None, rows=None):
-        df = read_split_csv(data_dir, split)
+    def __init__(self, data_dir, split, transform=None, rows=None, files=None):
+        df, paths, _, _ = files or read_split(data_dir, split)
         if rows is not None:  # a part of the split (--holdout): these rows, in this order
-            df = df.iloc[rows].reset_index(drop=True)
+            df, paths = df.iloc[rows].reset_index(drop=True), [paths[i] for i in rows]
         self.split = split
         self.ids = df["image_id"].tolist()
         self.labels = df["label"].tolist() if "label" in df else None
-        self.paths = find_images(data_dir, split, self.ids)
+        self.paths = paths
         self.transform = transform
 
     def __len__(self):
@@ -225,14 +240,14 @@ def _read_cache(path, ids):
     return None
 
 
-def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print):
+def load_split_tensors(data_dir, split, cache_dir=None, threads=None, log=print, files=None):
     """{"images": uint8 (N,3,100,100), "labels": int64 (N,) or None, "ids": [str]}, decoded once then cached.
-    One decoder at a time per split and cache folder: runs started together wait for the first one's cache."""
-    df = read_split_csv(data_dir, split)
+    One decoder at a time per split and cache folder: runs started together wait for the first one's cache.
+    files: the split's SplitFiles where already read (check_data), else it is read here."""
+    df, paths, _, key = files or read_split(data_dir, split)
     ids = df["image_id"].tolist()
-    paths = find_images(data_dir, split, ids)
     cache_dir = cache_dir or default_cache_dir(data_dir)
-    cache = os.path.join(cache_dir, f"{split}-{_cache_key(data_dir, split, paths)}.pt")
+    cache = os.path.join(cache_dir, f"{split}-{key}.pt")
     data = _read_cache(cache, ids)
     if data is not None:
         return data

@@ -184,12 +184,13 @@ def run_command(args, cfg, given):
 def run_training(cfg, given, resume):
     """Train (a new run, or --resume). A new run's data is checked before PyTorch is imported: a wrong folder
     or a bad CSV is one line in about a second."""
+    checked = None
     if not resume:
         import dataset
-        dataset.check_data(cfg["data_dir"])
+        checked = dataset.check_data(cfg["data_dir"])  # read once: the run's loaders are made from it
     import train
     train.Stop.signal = None
-    return train.train(cfg, given, resume)
+    return train.train(cfg, given, resume, checked)
 
 
 # ==============================================================================================

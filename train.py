@@ -115,16 +115,17 @@ def check_finite(losses, epoch):
 # ==============================================================================================
 # The training run
 
-def train(cfg, given, resume):
-    """Train one run (new, or resumed from its last.pth) to its end. Returns the exit code."""
+def train(cfg, given, resume, checked=None):
+    """Train one run (new, or resumed from its last.pth) to its end. checked: the data as check_data read it, where
+    main.py did so already. Returns the exit code."""
     try:
-        return train_run(cfg, given, resume)
+        return train_run(cfg, given, resume, checked)
     finally:
         runs.release_run_dir()  # another process may resume it now
 
 
-def train_run(cfg, given, resume):
-    run = set_up(cfg, given, resume)
+def train_run(cfg, given, resume, checked):
+    run = set_up(cfg, given, resume, checked)
     if isinstance(run, int):  # a resumed run that had nothing left to train
         return run
     # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
@@ -155,7 +156,7 @@ def train_run(cfg, given, resume):
     return finish(run)
 
 
-def set_up(cfg, given, resume):
+def set_up(cfg, given, resume, checked=None):
     """Everything before the first epoch: the run's settings, device, data, model, optimizer, folder and log.
     Returns the Run, or an exit code where a resumed run has nothing left to train."""
     ckpt = path = run_dir = None
@@ -178,10 +179,11 @@ def set_up(cfg, given, resume):
     amp = runtime.amp_dtype(cfg, device)
     gen = runtime.seed_everything(cfg["seed"], cfg["deterministic"])
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
-    data_rows = dataset.check_data(cfg["data_dir"])
+    data = checked or dataset.check_data(cfg["data_dir"])  # a new run's was checked before PyTorch was imported
+    data_rows = dataset.resume_digests(data)
     if ckpt is not None:
         runs.check_resume_data(ckpt, data_rows, cfg, path)
-    tr, va, held, te = load_data(cfg, device)
+    tr, va, held, te = load_data(cfg, device, data)
     raw = models.build_for_run(cfg).to(device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
@@ -210,11 +212,11 @@ def set_up(cfg, given, resume):
     return run
 
 
-def load_data(cfg, device):
+def load_data(cfg, device, data):
     """The train, validation, held-out and test batches. Decoded (and so checked) before any run folder exists: a
     bad image costs seconds, not a run; the test split too, though it is predicted only at the end."""
     splits = ["train", "validation", "test"] + (["holdout"] if cfg["holdout"] else [])
-    loaders = runtime.first_on_each_machine(lambda: dataloader.loaders_for(cfg, device, splits, train_split="train"))
+    loaders = runtime.first_on_each_machine(lambda: dataloader.loaders_for(cfg, device, splits, "train", data=data))
     tr, va = loaders["train"], loaders["validation"]
     if len(tr) == 0:
         raise UserError(f"{cfg['data_dir']}/train.csv has {tr.n} rows, fewer than one batch of {cfg['batch_size']}: "

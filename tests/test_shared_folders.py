@@ -111,7 +111,7 @@ import dataset, demo_data
 demo_data.SPLIT_SIZES = {{"train": 40, "validation": 10, "test": 10}}
 while time.time() < {start}:
     time.sleep(0.01)
-rows = dataset.check_data("demo_data")  # what a --demo run does first
+rows = dataset.resume_digests(dataset.check_data("demo_data"))  # what a --demo run does first
 print(rows["train"][0])
 """
 
