@@ -259,3 +259,15 @@ def test_a_cpu_without_bf16_says_once_that_it_trains_in_fp32(tiny_data, tmp_path
     assert runtime.precision_note({**cfg, "amp": "off"}, cpu, None) is None  # fp32 asked for: nothing to explain
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # with bf16: it trains in bf16, no note
     assert runtime.amp_dtype(cfg, cpu) == torch.bfloat16 and runtime.precision_note(cfg, cpu, torch.bfloat16) is None
+
+
+def test_a_run_reads_each_csv_once_and_loads_its_best_checkpoint_once(tiny_data, tmp_path, run_main, monkeypatch):
+    import dataset
+    reads, loads = [], []
+    read_csv, load = dataset.read_split_csv, torch.load
+    monkeypatch.setattr(dataset, "read_split_csv", lambda d, split: (reads.append(split), read_csv(d, split))[1])
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(os.path.basename(str(f))), load(f, *a, **k))[1])
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--holdout", "0.2"))
+    assert rc == 0, err
+    assert sorted(reads) == ["test", "train", "validation"]  # held-out rows, loaders, resume digests: one reading
+    assert loads.count("best.pth") == 1  # judged, predicted and promoted from one load
