@@ -157,7 +157,7 @@ def test_a_finished_run_goes_on_with_a_larger_epochs_as_if_it_had_been_one_run(t
 def test_a_run_stopped_before_its_submission_writes_it_when_resumed(tiny_data, tmp_path, run_main, monkeypatch):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(evaluate, "predict_checkpoints", ctrl_c)  # Ctrl-C after the last epoch, before the submission
+    monkeypatch.setattr(evaluate, "write_submission", ctrl_c)  # Ctrl-C after the last epoch, before the submission
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 130
     run = tmp_path / "runs" / "r"
     assert torch.load(run / "last.pth", weights_only=True)["finished"] and not (run / "submission.csv").exists()
@@ -488,8 +488,8 @@ def test_validation_out_of_memory_when_shared_out_names_the_flag_and_the_resume(
     # the validation loader is given a share here (process 0 of 2) without starting processes.
     loaders_for = dataloader.loaders_for
 
-    def shared_validation(cfg, device, splits, train_split=None, sharded=True):
-        out = loaders_for(cfg, device, splits, train_split, sharded)
+    def shared_validation(cfg, device, splits, train_split=None, sharded=True, data=None):
+        out = loaders_for(cfg, device, splits, train_split, sharded, data)
         if train_split:
             out["validation"].rank, out["validation"].world = 0, 2
         return out
