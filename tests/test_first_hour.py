@@ -54,3 +54,18 @@ def test_a_run_that_falls_back_to_the_cpu_says_so_once_and_cuda_without_a_gpu_st
     rc, out, err = run_main(base_args(tiny_data, tmp_path / "c", "--device", "cuda"))
     assert rc == 2 and "no CUDA GPU is available" in err
     assert runtime.device_note({"device": None}, torch.device("cuda", 0)) is None
+
+
+def test_promotion_compares_validation_accuracy_whatever_chose_each_checkpoint(tiny_data, tmp_path, run_main):
+    import checkpoint
+    import torch
+    assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
+    run, dest = tmp_path / "runs" / "r", tmp_path / "ckpt" / "three_best.pth"
+    ck = torch.load(run / "best.pth", weights_only=True)
+    assert ck["val_acc"] == ck["best_acc"]  # judged on validation at the end of its run, and saved
+    held_out = {**ck, "best_acc": 0.99, "val_acc": 0.01, "config": {**ck["config"], "select": "holdout"}}
+    checkpoint.save(held_out, str(dest))  # an earlier best chosen on held-out rows, at 99% there, 1% on validation
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1", "--run-name", "r2"))
+    assert rc == 0 and f"kept the previous {dest}" in out, err  # displaced: compared on validation, not on 99%
+    assert torch.load(dest, weights_only=True)["val_acc"] == torch.load(tmp_path / "runs" / "r2" / "best.pth",
+                                                                         weights_only=True)["val_acc"]
