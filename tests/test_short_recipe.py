@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -118,6 +120,17 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
 def test_fit_epochs_sets_the_end_aside_and_keeps_at_least_one():
     assert budget.fit_epochs(600, 10, 50, 20) == int((600 * budget.MARGIN - 30) // 50)
     assert budget.fit_epochs(60, 10, 500, 20) == 1
+
+
+def test_the_step_timing_takes_its_fastest_window(monkeypatch):
+    """A step slowed by something else on the machine (here, the first timed window) does not shrink the budget."""
+    now, costs = [0.0], [5.0, 5.0] + [1.0] * 4 + [0.1] * 100  # set-up, a disturbed window, then undisturbed steps
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time))
+
+    def step():
+        now[0] += costs.pop(0)
+    assert budget.seconds_each(step, 8) == pytest.approx(0.1)
+    assert len(costs) == 100 - 16  # 4 disturbed calls fill a window of 10/3 s; two more windows of 8 calls
 
 
 def test_minutes_picks_the_epochs_once_and_trains_as_that_many_epochs_would(tiny_data, tmp_path, run_main,
