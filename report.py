@@ -141,7 +141,8 @@ def plot_curves(log_csv, path):
     if rows and rows[-1].get("holdout_acc") is not None:
         axes[1].plot(ep, [100 * r["holdout_acc"] for r in rows], label="held-out train rows")
     axes[2].plot(ep, [r["lr"] for r in rows])
-    axes[2].set_yscale("log")
+    if any(r["lr"] > 0 for r in rows):  # a log scale needs a positive value (a run logged at rate 0 has none)
+        axes[2].set_yscale("log")
     for ax, t in zip(axes, ["loss", "accuracy (%)", "learning rate"]):
         ax.set(title=t, xlabel="epoch")
     axes[0].legend()
