@@ -276,6 +276,15 @@ def one_epoch(run):
     return Stop.exit_code()
 
 
+def epoch_mark(cfg, improved, bad_epochs):
+    """What an epoch's line says about selection: under --select last nothing (best.pth is simply the latest
+    weights, so a '*best*' beside a lower accuracy than the epoch before would mislead), else *best* or the
+    count towards early stopping."""
+    if cfg["select"] == "last":
+        return ""
+    return "  *best*" if improved else f"  ({bad_epochs}/{cfg['early_stop']} without gain)"
+
+
 def end_of_epoch(run):
     """Validate, step the schedule, count epochs without gain, save best.pth and last.pth, log the epoch.
     Returns the exit code when a signal asked to stop, else None."""
@@ -315,7 +324,7 @@ def end_of_epoch(run):
             f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%" + (f"  holdout acc {100 * held_acc:6.2f}%"
                                                                         if held_acc != "" else "")
             + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
-            + ("  *best*" if improved else f"  ({run.bad_epochs}/{cfg['early_stop']} without gain)")
+            + epoch_mark(cfg, improved, run.bad_epochs)
             + (f"  peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:,.0f} MiB"
                if run.device.type == "cuda" else ""))
     if Stop.signal is not None:

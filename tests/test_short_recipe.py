@@ -187,3 +187,12 @@ def test_a_short_run_judges_each_epoch_without_tta_and_its_end_with_the_flip(tin
     rc, out, err = run_main(args)
     assert rc == 0, err
     assert seen == [(False, "flip")] * 2 + [(True, "flip")] * 2  # 2 epochs; then validation and test with TTA
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and not any("*best*" in line for line in epoch_lines)  # --select last: no mark
+
+
+def test_an_epoch_line_marks_best_and_counts_towards_early_stopping_except_under_select_last():
+    cfg = {"select": "val", "early_stop": 15}
+    assert train.epoch_mark(cfg, True, 0) == "  *best*"
+    assert train.epoch_mark(cfg, False, 3) == "  (3/15 without gain)"
+    assert train.epoch_mark({**cfg, "select": "last"}, True, 0) == ""
