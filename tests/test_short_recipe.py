@@ -1,6 +1,6 @@
-"""The short-budget recipe's parts: the per-step linear schedule, the EMA's warm-up, the shift augmentation,
-a run made of them stopped mid-epoch and resumed exactly, the TTA views, judging on held-out rows, and runs sized
-to a time budget (--minutes)."""
+"""The short-budget recipe's parts: the per-step linear schedule, the EMA's warm-up, the Muon optimizer, the shift
+augmentation, a run made of them stopped mid-epoch and resumed exactly, the TTA views, judging on held-out rows,
+and runs sized to a time budget (--minutes)."""
 import csv
 import json
 import os
@@ -60,11 +60,14 @@ def test_the_ema_follows_the_model_closely_at_first_then_at_its_decay():
     assert ema.module.weight.item() == pytest.approx(0.999 * before)
 
 
-def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(tiny_data, tmp_path, run_main, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(optimizer, tiny_data, tmp_path, run_main,
+                                                                     monkeypatch):
     """The linear schedule, EMA, shift and no rotation, stopped (as by SIGTERM) inside epoch 2 and resumed: the
-    same weights, EMA, learning rates and log as the run that was never stopped."""
+    same weights, EMA, learning rates and log as the run that was never stopped; with Adam and with Muon."""
     flags = ("--batch-size", "4", "--epochs", "3", "--scheduler", "linear", "--warmup", "0.5", "--ema", "0.9",
-             "--rotate", "0", "--shift", "3", "--select", "last", "--deterministic", "--lr", "1e-3")
+             "--rotate", "0", "--shift", "3", "--select", "last", "--deterministic", "--lr", "1e-3",
+             "--optimizer", optimizer)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_main(base_args(tiny_data, ref, *flags))[0] == 0
     make_loss, calls = optim.make_loss, [0]
@@ -196,3 +199,39 @@ def test_an_epoch_line_marks_best_and_counts_towards_early_stopping_except_under
     assert train.epoch_mark(cfg, True, 0) == "  *best*"
     assert train.epoch_mark(cfg, False, 3) == "  (3/15 without gain)"
     assert train.epoch_mark({**cfg, "select": "last"}, True, 0) == ""
+
+
+def test_muon_steps_the_conv_weights_as_torch_muon_steps_their_matrices_and_the_rest_as_adamw():
+    """--optimizer muon on a channels_last model: each conv weight moves exactly as torch.optim.Muon moves a
+    2-D copy of it, every other parameter as AdamW moves it; the rate the schedule sets reaches both."""
+    import copy
+    import models
+    torch.manual_seed(0)
+    model = models.ThreeCNN().to(memory_format=torch.channels_last)
+    twin, start = copy.deepcopy(model), model.features[0].weight.detach().clone()
+    opt = optim.make_optimizer(model.parameters(), 2e-3, 0.05, "muon")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 0.5 ** done)
+    pairs = list(zip(model.parameters(), twin.parameters()))
+    convs = [(p, torch.nn.Parameter(q.detach().permute(0, 2, 3, 1).reshape(q.shape[0], -1).clone()))
+             for p, q in pairs if p.ndim == 4]
+    rest = [q for p, q in pairs if p.ndim != 4]
+    ref_muon = torch.optim.Muon([m for _, m in convs], lr=2e-3, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+    ref_adamw = torch.optim.AdamW(rest, lr=2e-3, weight_decay=0.05)
+    x, y = torch.randn(4, 3, 100, 100).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 4])
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for p, m in convs:
+            m.grad = p.grad.permute(0, 2, 3, 1).reshape(m.shape).clone()
+        for (p, q) in pairs:
+            q.grad = None if p.ndim == 4 else p.grad.clone()
+        opt.step()
+        sched.step()
+        for ref in (ref_muon, ref_adamw):
+            ref.step()
+            ref.param_groups[0]["lr"] = sched.get_last_lr()[0]
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == pytest.approx(2e-3 / 8)
+    for p, m in convs:
+        assert torch.allclose(p.detach().permute(0, 2, 3, 1).reshape(m.shape), m, atol=1e-6)
+    assert all(torch.allclose(p, q, atol=1e-6) for (p, q) in pairs if p.ndim != 4)
+    assert (model.features[0].weight - start).abs().max() > 1e-4  # the steps did something
