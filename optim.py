@@ -61,12 +61,12 @@ def as_matrix(t):
 
 class MuonAdamW(torch.optim.Optimizer):
     """torch.optim.Muon for the convolutions' weights and AdamW (fused) for the rest: biases, BatchNorm and the
-    classifier. Why: Muon replaces each weight's step by the nearest orthogonal matrix (five Newton-Schulz
-    iterations), and on CIFAR-10 it cut the epochs airbench needs by ~19%. torch's Muon takes matrices only, so
-    it steps a matrix view of each convolution's weight, which shares its memory. Its rate is matched to AdamW's
-    (adjust_lr_fn="match_rms_adamw": a step of the same size on average), so --lr, --weight-decay and the
-    schedule mean what they mean for adamw. Its param_groups are the model's own tensors (conv weights, rest),
-    so the schedule, the GradScaler and zero_grad see them as for any optimizer."""
+    classifier. Why: Muon replaces each weight's update (its momentum) by about the nearest orthogonal matrix
+    (five Newton-Schulz iterations), and on CIFAR-10 it cut the epochs airbench needs by ~19%. torch's Muon
+    takes matrices only, so it steps a matrix view of each convolution's weight, which shares its memory. Its
+    rate is matched to AdamW's (adjust_lr_fn="match_rms_adamw": a step of the same size on average), so --lr,
+    --weight-decay and the schedule mean what they mean for adamw. Its param_groups are the model's own tensors
+    (conv weights, rest), so the schedule, the GradScaler and zero_grad see them as for any optimizer."""
 
     def __init__(self, params, lr, weight_decay):
         convs = [p for p in params if p.ndim == 4]

@@ -149,6 +149,9 @@ def resolve_config(args):
         if not ok(cfg[k]):
             raise UserError(f"--{k.replace('_', '-')} {cfg[k]}: it must be {what}")
     check_selection(cfg)
+    if cfg["optimizer"] == "muon" and cfg["model"] == "ensemble":
+        raise UserError("--optimizer muon steps the weights of convolutions, and --model ensemble trains none (only "
+                        "the blend of its frozen bases): use --optimizer adam or adamw")
     if cfg["minutes"] and args.epochs is not None and not args.resume:
         raise UserError(f"--minutes {cfg['minutes']:g} chooses the epochs that fit: give --minutes or --epochs, not both")
     if cfg["class_weights"] and cfg["class_weights"] != "auto":

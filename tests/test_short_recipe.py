@@ -235,3 +235,11 @@ def test_muon_steps_the_conv_weights_as_torch_muon_steps_their_matrices_and_the_
         assert torch.allclose(p.detach().permute(0, 2, 3, 1).reshape(m.shape), m, atol=1e-6)
     assert all(torch.allclose(p, q, atol=1e-6) for (p, q) in pairs if p.ndim != 4)
     assert (model.features[0].weight - start).abs().max() > 1e-4  # the steps did something
+
+
+def test_muon_for_a_model_without_convolutions_to_train_is_one_line(tiny_data, tmp_path, run_main):
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--model", "ensemble", "--optimizer", "muon"))
+    assert rc == 2 and err.strip().splitlines() == ["error: --optimizer muon steps the weights of convolutions, and "
+                                                    "--model ensemble trains none (only the blend of its frozen bases): "
+                                                    "use --optimizer adam or adamw"]
+    assert not (tmp_path / "runs").exists()
