@@ -70,8 +70,9 @@ def add_recipe_flags(r):
     r.add_argument("--minutes", type=float, help="instead of --epochs: the epochs that fit in this many minutes "
                    "on this machine, measured when the run starts (evaluation and submission included)")
     r.add_argument("--early-stop", type=int, help="stop after this many epochs without a better val accuracy")
-    r.add_argument("--optimizer", choices=["adam", "adamw", "muon"], help="adam (the report's; weight decay as L2), adamw "
-                   "(decoupled weight decay) or muon (torch.optim.Muon for the convolutions' weights, AdamW for the rest)")
+    r.add_argument("--optimizer", choices=["adam", "adamw", "muon"], help="adam (the report's; weight decay as "
+                   "L2), adamw (decoupled weight decay) or muon (torch.optim.Muon for the convolutions' weights, AdamW "
+                   "for the rest)")
     r.add_argument("--scheduler", choices=["plateau", "cosine", "warmup_cosine", "linear"], help="plateau (the "
                    "report's, on the selection metric), cosine over --epochs, a linear warmup of --warmup epochs then "
                    "a cosine, or (linear, stepped every step) a linear warmup then a linear decay to zero at --epochs")
