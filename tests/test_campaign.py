@@ -43,10 +43,10 @@ def test_rescnn_shapes_count_flops_and_one_step():
 
 def test_res_trains_with_the_short_recipe_by_default_and_strong_on_request():
     cfg, _ = recipes.resolve_config(main.parse_args(["--model", "res"]))
-    assert cfg["preset"] == "short" and cfg["optimizer"] == "adamw" and cfg["scheduler"] == "linear"
+    assert cfg["preset"] == "short" and cfg["optimizer"] == "muon" and cfg["scheduler"] == "linear"
     assert cfg["select"] == "last" and cfg["ema"] == 0 and cfg["label_smoothing"] == 0.1
     assert cfg["tta"] and cfg["tta_views"] == "flip" and cfg["rotate"] == 0
-    assert cfg["batch_size"] == 64 and cfg["epochs"] == cfg["early_stop"] == 32 and cfg["warmup"] == 1
+    assert cfg["batch_size"] == 64 and cfg["epochs"] == cfg["early_stop"] == 12 and cfg["warmup"] == 1
     strong, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--preset", "strong"]))
     assert strong["scheduler"] == "warmup_cosine" and strong["ema"] == 0.999 and strong["epochs"] == 100
     three, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))

@@ -164,19 +164,19 @@ def test_minutes_picks_the_epochs_once_and_trains_as_that_many_epochs_would(tiny
     assert rc == 2 and "give --minutes or --epochs, not both" in err
 
 
-def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_over_its_32():
+def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_over_its_12():
     cfg, _ = recipes.resolve_config(main.parse_args(["--model", "res"]))
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
     spe = 12500 // 64  # the real training split at batch 64: 195 steps an epoch
     sched = optim.make_scheduler(cfg, opt, spe)
     lrs = []
-    for _ in range(32 * spe):
+    for _ in range(12 * spe):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(2e-3 / spe) and lrs[spe - 1] == pytest.approx(2e-3) == max(lrs)
-    assert lrs[spe + 31 * spe // 2] == pytest.approx(1e-3, rel=1e-3)  # halfway down
-    assert lrs[-1] == pytest.approx(2e-3 / (31 * spe)) and opt.param_groups[0]["lr"] == 0
+    assert lrs[spe + 11 * spe // 2] == pytest.approx(1e-3, rel=1e-3)  # halfway down
+    assert lrs[-1] == pytest.approx(2e-3 / (11 * spe)) and opt.param_groups[0]["lr"] == 0
 
 
 def test_a_short_run_judges_each_epoch_without_tta_and_its_end_with_the_flip(tiny_data, tmp_path, run_main,
