@@ -43,7 +43,7 @@ RECIPES = {
 #   the report's 15 degrees: -1.6 points); whole-pixel shifts of up to 2 did not help either (-0.2);
 #   no EMA: its weights scored 0.2 below the raw ones at the end of the decay;
 #   flip TTA (the image and its mirror) at the end: +0.2 on average over four runs (turned views: -0.1);
-#   12 epochs: with Muon, 12 scored as 8 did on held-out rows (92.00 and 91.92 without TTA, 92.08 and 91.52
+#   12 epochs: with Muon, 12 scored as 8 did on held-out rows (91.92 both without TTA, 92.08 against 91.52
 #   with it) and were kept by the rule fixed before the run (the higher figure with flip TTA); 30-35 minutes
 #   on a 2-core CPU with AVX512-BF16 (docs/performance.md); --minutes N fits it to N. Confirmed: 94.08% over
 #   three seeds (docs/results.md). Its first form, AdamW over 32 epochs (93.48% over four seeds), is
