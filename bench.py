@@ -65,9 +65,10 @@ def input_steps(loader, gen):
         yield len(x)
 
 
-def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True, fused=True):
-    """Training steps as main.py takes them (fused Adam); fused=False: PyTorch's default Adam, as the report's code."""
-    opt = (optim.make_optimizer(model.parameters(), 1e-4) if fused else
+def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True, fused=True, optimizer="adam"):
+    """Training steps as main.py takes them (fused Adam, or the preset's `optimizer`); fused=False: PyTorch's
+    default Adam, as the report's code."""
+    opt = (optim.make_optimizer(model.parameters(), 1e-4, kind=optimizer) if fused else
            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=grad_scaler and amp == torch.float16)
     model.train()
@@ -141,7 +142,7 @@ class PeakMemory(TorchDispatchMode):
 
 def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
     """Peak tensor memory (MiB) of `name` under `preset` as main.py runs it on a GPU with the fast path: the
-    three splits resident as uint8, the model, Adam's state, the EMA copy, gradients, activations and the batch
+    three splits resident as uint8, the model, the preset's optimizer's state, the EMA copy, gradients, activations and the batch
     augmentation for a training step; evaluation at main.py's GPU batch (with TTA where the preset has it),
     the training state still alive beside it. fp16: the GTX 1650 has no bf16. Not counted: mixup/cutmix
     (one more batch) and the GradScaler (a few scalars)."""
@@ -160,8 +161,9 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
             chunk = dataloader.chunk_steps(batch, "cuda")  # augmented as on the GPU: several steps' images at once
             steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu, chunk=chunk), gen,
-                                amp, True, cpu, grad_scaler=False)  # its overflow check reads values: fake tensors have none
-            for _ in range(2):  # the second step has Adam's state from the first
+                                amp, True, cpu, grad_scaler=False,  # its overflow check reads values: fake tensors have none
+                                optimizer=cfg["optimizer"])
+            for _ in range(2):  # the second step has the optimizer's state from the first
                 next(steps)
             train_mib, mem.peak = mem.peak / 2**20, mem.now
             eval_batches = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)

@@ -52,11 +52,13 @@ def make_optimizer(params, lr, weight_decay=0.0, kind="adam"):
     return opt(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def as_matrix(t):
-    """A convolution's weight (out, in, kh, kw) as a matrix of out rows, a view of the same memory where the
-    layout allows (contiguous or channels_last): the columns' order does not change what Muon does to it."""
-    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return (t.permute(0, 2, 3, 1) if cl else t).flatten(1)
+def as_matrix(t, channels_last, view=False):
+    """A convolution's weight (out, in, kh, kw), or its gradient, as a matrix of out rows whose columns follow
+    the weight's memory: (in, kh, kw), or (kh, kw, in) where the weight is channels_last. The columns' order does
+    not change what Muon does to the matrix, so long as weight and gradient share it. view=True: a view of the
+    same memory, or an error (never a silent copy that Muon would step in vain)."""
+    m = t.permute(0, 2, 3, 1) if channels_last else t
+    return m.view(len(t), -1) if view else m.reshape(len(t), -1)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -72,15 +74,16 @@ class MuonAdamW(torch.optim.Optimizer):
         convs = [p for p in params if p.ndim == 4]
         rest = [p for p in params if p.ndim != 4]
         super().__init__([dict(params=convs), dict(params=rest)], dict(lr=lr, weight_decay=weight_decay))
-        self.matrices = [nn.Parameter(as_matrix(p.detach())) for p in convs]
-        assert all(m.data_ptr() == p.data_ptr() for m, p in zip(self.matrices, convs)), "a conv weight not viewable"
+        self.channels_last = [not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                              for p in convs]
+        self.matrices = [nn.Parameter(as_matrix(p.detach(), cl, view=True)) for p, cl in zip(convs, self.channels_last)]
         self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay, fused=True)
 
     @torch.no_grad()
     def step(self, closure=None):
-        for matrix, p in zip(self.matrices, self.param_groups[0]["params"]):
-            matrix.grad = None if p.grad is None else as_matrix(p.grad)
+        for matrix, p, cl in zip(self.matrices, self.param_groups[0]["params"], self.channels_last):
+            matrix.grad = None if p.grad is None else as_matrix(p.grad, cl)
         for opt, group in zip((self.muon, self.adamw), self.param_groups):
             opt.param_groups[0]["lr"] = group["lr"]  # the schedule sets the rate on this optimizer's groups
             opt.step()

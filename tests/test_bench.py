@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 import bench
@@ -83,3 +84,14 @@ def test_every_preset_and_model_fits_a_4gb_card_at_its_default_batches():
     big = bench.estimate_memory("skip", "report", eval_batch=256)
     assert not big["fits_4gb"] and big["eval_peak_mib"] > 2 * next(
         r["eval_peak_mib"] for r in rows if (r["preset"], r["model"]) == ("report", "skip"))
+
+
+def test_memory_estimate_counts_the_presets_own_optimizer(monkeypatch):
+    """The short preset trains with Muon, which keeps one buffer a conv weight where Adam keeps two: its estimate
+    is below the same preset's with AdamW by that second buffer (fp32; Adam's step counts add a few bytes)."""
+    import models
+    muon = bench.estimate_memory("res", "short")["train_peak_mib"]
+    monkeypatch.setitem(recipes.PRESETS["short"], "optimizer", "adamw")
+    adamw = bench.estimate_memory("res", "short")["train_peak_mib"]
+    conv_mib = sum(p.numel() for p in models.build_model("res").parameters() if p.ndim == 4) * 4 / 2**20
+    assert adamw - muon == pytest.approx(conv_mib, rel=0.01)

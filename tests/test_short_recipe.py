@@ -237,6 +237,22 @@ def test_muon_steps_the_conv_weights_as_torch_muon_steps_their_matrices_and_the_
     assert (model.features[0].weight - start).abs().max() > 1e-4  # the steps did something
 
 
+def test_muon_reads_a_gradient_in_the_weights_column_order_whatever_the_gradients_layout():
+    """A channels_last weight whose gradient arrives contiguous moves exactly as one whose gradient is
+    channels_last too: the gradient's matrix is laid out as the weight's, not as its own memory happens to be."""
+    torch.manual_seed(0)
+    grads = torch.randn(8, 3, 3, 3), torch.randn(8)
+    moved = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        opt = optim.make_optimizer(conv.parameters(), 2e-3, 0.05, "muon")
+        conv.weight.grad, conv.bias.grad = grads[0].contiguous(memory_format=layout), grads[1].clone()
+        opt.step()
+        moved.append(conv.weight.detach().clone())
+    assert torch.equal(moved[0], moved[1])
+
+
 def test_muon_for_a_model_without_convolutions_to_train_is_one_line(tiny_data, tmp_path, run_main):
     rc, _, err = run_main(base_args(tiny_data, tmp_path, "--model", "ensemble", "--optimizer", "muon"))
     assert rc == 2 and err.strip().splitlines() == ["error: --optimizer muon steps the weights of convolutions, and "
