@@ -50,9 +50,10 @@ def build_parser():
     a("--demo", action="store_true", help=f"use the synthetic demo set in {DEMO_DIR}/ (built if absent or older), "
                                           f"{DEMO_EPOCHS} epochs unless --epochs is given (a resumed run keeps its own)")
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
-                                              "for a GPU), short (Muon, 12 epochs decaying linearly, no rotation, flip "
-                                              "TTA, final weights; the default of --model res) or strong (AdamW, "
-                                              "warmup + cosine over 100 epochs, EMA, TTA, final weights)")
+                                              "for a GPU), short (Muon, 12 epochs decaying linearly, class 4 "
+                                              "weighted 1.5, no rotation, flip TTA, final weights; the default of "
+                                              "--model res) or strong (AdamW, warmup + cosine over 100 epochs, EMA, "
+                                              "TTA, final weights)")
     add_recipe_flags(p.add_argument_group("the recipe (defaults: the report's table for --model)"))
     add_machine_flags(p.add_argument_group("speed and machine"))
     add_file_flags(p.add_argument_group("files"))

@@ -47,7 +47,11 @@ RECIPES = {
 #   with it) and were kept by the rule fixed before the run (the higher figure with flip TTA); 30-35 minutes
 #   on a 2-core CPU with AVX512-BF16 (docs/performance.md); --minutes N fits it to N. Confirmed: 94.08% over
 #   three seeds (docs/results.md). Its first form, AdamW over 32 epochs (93.48% over four seeds), is
-#   --optimizer adamw --epochs 32.
+#   --optimizer adamw --epochs 32;
+#   class 4 weighted 1.5 in the loss: class 4 is the one most often missed (mistaken mostly for class 1),
+#   and the model called it too rarely (precision above recall). With the weight, held-out class-4 recall
+#   rose from 0.808 to 0.852 and accuracy from 92.08 to 92.80 (flip TTA), kept by the rule fixed before
+#   the run (recall +0.02 or more, accuracy down 0.4 at most); --class-weights 1,1,1,1,1 turns it off.
 #   The final weights are reported (--select last): nothing is chosen on validation.
 # 'strong' is the recipe the best public solutions share, for any model: AdamW at batch 64, a warmup then a
 # cosine over a fixed 100 epochs, label smoothing 0.1, an EMA of the weights, TTA, the report's rotation. Its
@@ -56,8 +60,8 @@ PRESETS = {
     "report": {},
     "fast": dict(batch_size=256, lr=2e-3, plateau_patience=45, early_stop=45),
     "short": dict(optimizer="muon", scheduler="linear", warmup=1, batch_size=64, lr=2e-3, weight_decay=5e-2,
-                  label_smoothing=0.1, ema=0.0, tta=True, tta_views="flip", rotate=0.0, shift=0, epochs=12,
-                  early_stop=12, select="last"),
+                  label_smoothing=0.1, class_weights="1,1,1,1,1.5", ema=0.0, tta=True, tta_views="flip", rotate=0.0,
+                  shift=0, epochs=12, early_stop=12, select="last"),
     "strong": dict(optimizer="adamw", scheduler="warmup_cosine", warmup=5, batch_size=64, lr=2e-3,
                    weight_decay=5e-2, label_smoothing=0.1, ema=0.999, tta=True, epochs=100, early_stop=100,
                    select="last"),
