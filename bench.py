@@ -142,10 +142,10 @@ class PeakMemory(TorchDispatchMode):
 
 def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
     """Peak tensor memory (MiB) of `name` under `preset` as main.py runs it on a GPU with the fast path: the
-    three splits resident as uint8, the model, the preset's optimizer's state, the EMA copy, gradients, activations and the batch
-    augmentation for a training step; evaluation at main.py's GPU batch (with TTA where the preset has it),
-    the training state still alive beside it. fp16: the GTX 1650 has no bf16. Not counted: mixup/cutmix
-    (one more batch) and the GradScaler (a few scalars)."""
+    three splits resident as uint8, the model, the preset's optimizer's state, the EMA copy, gradients,
+    activations and the batch augmentation for a training step; evaluation at main.py's GPU batch (with TTA
+    where the preset has it), the training state still alive beside it. fp16: the GTX 1650 has no bf16. Not
+    counted: mixup/cutmix (one more batch) and the GradScaler (a few scalars)."""
     cfg = {**recipes.resolve_config(main.parse_args(["--model", name, "--preset", preset]))[0], "quiet": True}
     cpu = torch.device("cpu")
     batch, eval_batch = cfg["batch_size"], eval_batch or dataloader.eval_batch_size(cfg, "cuda")

@@ -49,7 +49,7 @@ RECIPES = {
 #   three seeds (docs/results.md). Its first form, AdamW over 32 epochs (93.48% over four seeds), is
 #   --optimizer adamw --epochs 32;
 #   class 4 weighted 1.5 in the loss: class 4 is the one most often missed (mistaken mostly for class 1),
-#   and the model called it too rarely (precision above recall). With the weight, held-out class-4 recall
+#   and a heavier weight moves the boundary towards it. With the weight, held-out class-4 recall
 #   rose from 0.808 to 0.852 and accuracy from 92.08 to 92.80 (flip TTA), kept by the rule fixed before
 #   the run (recall +0.02 or more, accuracy down 0.4 at most); --class-weights 1,1,1,1,1 turns it off.
 #   The final weights are reported (--select last): nothing is chosen on validation.
