@@ -49,6 +49,19 @@ def test_results_tables_are_in_step_with_the_csv(tmp_path, capsys):
     assert results.results_md(results.read_rows(str(stale))) != open(results.MD).read()
 
 
+def test_readmes_table_leads_with_the_current_recipe_its_votes_then_the_best_of_the_rest():
+    def row(recipe, acc, seed="0"):
+        return dict(date="2026-12-02", machine="CPU", model="res", recipe=recipe, command="c", seed=seed,
+                    epochs="12", minutes="30", val_acc=acc, holdout_acc="", class4_recall="0.85", selected_on_val="no")
+    rows = [row("short, first form (AdamW over 32 epochs)", "95.0"), row("short", "93.0"), row("short", "93.4", "1"),
+            row("report", "94.0"), row("short, second form (Muon)", "94.5"), row("screening, 8 epochs: x", "99.0"),
+            row("short, --minutes 30", "92.0"), row("short, soft vote of 2 seeds", "94.0")]
+    table = results.summary_table(rows, whole_best_first=5)[2:]
+    assert [line.split(" | ")[1] for line in table] == [
+        "short", "short, --minutes 30", "short, soft vote of 2 seeds", "short, first form (AdamW over 32 epochs)",
+        "short, second form (Muon)"]
+
+
 def test_readme_is_short_and_no_file_or_function_is_too_long():
     assert len(readme().splitlines()) <= 250
     for path in glob.glob(os.path.join(ROOT, "*.py")):
