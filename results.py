@@ -62,7 +62,8 @@ def groups_of(rows):
 # ("(3 epochs)", ", 2 epochs", "stopped ...").
 PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs")
 # The recipe `python main.py --model res` trains now ("short", and its votes and time budgets): README's table
-# leads with its single models, then its votes. Its earlier forms are named "short, first form (...)", "short, second form (...)".
+# leads with its single models, then its votes. Its earlier forms are named "short, first form (...)",
+# "short, second form (...)".
 CURRENT = re.compile(r"^short(,(?! \w+ form)|$)")
 
 
