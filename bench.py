@@ -5,12 +5,15 @@
     python bench.py --quick              a short check (< 60 s on 2 CPU cores: ThreeCNN; on a GPU also SkipConCNN)
     python bench.py --json out.json      also write the figures as JSON
     python bench.py --memory             only the GPU memory each preset and model needs (seconds, no GPU)
+    python bench.py --muon               --model res's training step in bf16 and fp32, and Muon's Newton-Schulz
+                                         part of it in bf16 (as torch.optim.Muon runs it) and in fp32 (~1 min)
     python bench.py --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
           fp32, NCHW, PyTorch's default Adam, the report's batch size (as the report's code does).
 fast:     the split decoded once into a uint8 tensor on the device, whole batches augmented there,
-          mixed precision (--amp auto), channels_last, fused Adam; inference under inference_mode at
+          bf16 or fp16 (the first --amp auto candidate), channels_last, main.py's own training step with the
+          model's recipe (trainstep.py: fused Adam for the report's models); inference under inference_mode at
           main.py's evaluation batch (on a GPU 256 for ThreeCNN, 64 for the others; 16 on a CPU).
 Stages: input (images/s out of the loader), train (data + step, per model), infer (per model).
 Rounds alternate baseline and fast so that machine drift hits both; the median round is reported.
@@ -30,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+import budget
 import dataloader
 import demo_data
 import evaluate
@@ -38,6 +42,7 @@ import models
 import optim
 import recipes
 import runtime
+import trainstep
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
@@ -65,22 +70,30 @@ def input_steps(loader, gen):
         yield len(x)
 
 
-def train_steps(model, loader, gen, amp, channels_last, device, grad_scaler=True, fused=True, optimizer="adam"):
-    """Training steps as main.py takes them (fused Adam, or the preset's `optimizer`); fused=False: PyTorch's
-    default Adam, as the report's code."""
-    opt = (optim.make_optimizer(model.parameters(), 1e-4, kind=optimizer) if fused else
-           torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4))
-    scaler = torch.amp.GradScaler(device.type, enabled=grad_scaler and amp == torch.float16)
+def baseline_steps(model, loader, gen):
+    """Training steps as the report's code takes them: fp32, NCHW, PyTorch's default Adam, plain cross-entropy."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     for x, y, _ in forever(loader, gen):
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss.backward()
+        opt.step()
         yield len(x)
+
+
+def run_steps(state, loader, gen):
+    """Training steps as main.py takes them: its own step on a state built as a run's (trainstep.py)."""
+    state.raw.train()
+    for x, y, _ in forever(loader, gen):
+        trainstep.step(state, x, y)
+        yield len(x)
+
+
+def run_state(name, model, device, amp, steps_per_epoch, compile=False, preset=None):
+    """The training state main.py builds for --model name (its recipe, or `preset`'s), channels_last."""
+    cfg = recipes.resolve_config(main.parse_args(["--model", name] + (["--preset", preset] if preset else [])))[0]
+    return trainstep.build_state(cfg, model, device, amp, True, steps_per_epoch, compile=compile, ddp=False)
 
 
 def infer_steps(model, loader, amp, channels_last, device):
@@ -160,9 +173,9 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             model = models.build_model(name)  # channels_last: same sizes (FakeTensorMode cannot convert modules)
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
             chunk = dataloader.chunk_steps(batch, "cuda")  # augmented as on the GPU: several steps' images at once
-            steps = train_steps(model, dataloader.TensorBatches(data, labels, None, batch, True, cpu, chunk=chunk), gen,
-                                amp, True, cpu, grad_scaler=False,  # its overflow check reads values: fake tensors have none
-                                optimizer=cfg["optimizer"])
+            state = trainstep.build_state({**cfg, "ema": 0.0}, model, cpu, amp, False, 100, compile=False, ddp=False)
+            state.scaler = torch.amp.GradScaler("cpu", enabled=False)  # it reads values: fake tensors have none
+            steps = run_steps(state, dataloader.TensorBatches(data, labels, None, batch, True, cpu, chunk=chunk), gen)
             for _ in range(2):  # the second step has the optimizer's state from the first
                 next(steps)
             train_mib, mem.peak = mem.peak / 2**20, mem.now
@@ -188,6 +201,47 @@ def memory_table(names):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Muon's Newton-Schulz: its share of a step, in bf16 and in fp32
+
+def muon_share(device, rounds=3):
+    """Seconds of --model res's training step (--preset short: Muon, batch 64) in bf16 and in fp32, NCHW and
+    channels_last (Muon's iterations in fp32 where bf16 is not native, optim.MuonFP32), and of the Newton-Schulz
+    iterations over its convolutions' matrices in bf16 (as torch.optim.Muon runs them) and in fp32: the fastest
+    of `rounds` each, all in one process."""
+    name = "res"
+    cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch_size"], 3, 100, 100, generator=gen, device=device)
+    y = torch.randint(0, recipes.NUM_CLASSES, (cfg["batch_size"],), generator=gen).to(device)
+    out = {}
+    for amp in ("bf16", "off"):
+        for cl in (False, True):
+            state = trainstep.build_state(cfg, models.build_model(name).to(device), device, runtime.DTYPES[amp], cl, 100,
+                                          compile=False, ddp=False)
+            out[f"step {runtime.PRECISION_NAMES[amp]} {'channels_last' if cl else 'NCHW'}"] = min(
+                budget.timed_step(state, x, y) for _ in range(rounds + 1))
+    matrices = [optim.as_matrix(p.detach(), False) for p in models.build_model(name).to(device).parameters()
+                if p.ndim == 4]
+    for label, dtype in (("Newton-Schulz bf16", torch.bfloat16), ("Newton-Schulz fp32", torch.float32)):
+        times = []
+        for _ in range(rounds + 1):
+            t0 = time.perf_counter()
+            for m in matrices:
+                optim.newton_schulz(m, (3.4445, -4.775, 2.0315), 5, 1e-7, dtype)
+            runtime.sync(device)
+            times.append(time.perf_counter() - t0)
+        out[label] = min(times)
+    step = {k: v for k, v in out.items() if k.startswith("step")}
+    for k, v in out.items():
+        print(f"  {k:<32} {v * 1000:9.1f} ms")
+    for amp in ("bf16", "fp32"):
+        best = min(v for k, v in step.items() if f" {amp} " in k)
+        print(f"  Newton-Schulz in bf16 / in fp32 against the fastest {amp} step: "
+              f"{100 * out['Newton-Schulz bf16'] / best:.1f}% / {100 * out['Newton-Schulz fp32'] / best:.1f}%")
+    return out
+
+
 def bench_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=recipes.DEMO_DIR)
@@ -204,6 +258,7 @@ def bench_parser():
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--memory", action="store_true", help="only the GPU memory table (seconds, no GPU needed)")
+    p.add_argument("--muon", action="store_true", help="only Muon's Newton-Schulz share of --model res's step")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model as main.py --compile "
                    "does (on one GPU with CUDA graphs); the first steps, which compile, are not timed")
     return p
@@ -274,12 +329,11 @@ class Bench:
         a, device, amp, gen = self.a, self.device, self.amp, self.gen
         batch = a.batch_size or recipes.RECIPES[name]["batch_size"]
         base_model = models.build_model(name).to(device)  # the ensemble with untrained bases: same cost
-        fast_model = models.build_model(name).to(device).to(memory_format=torch.channels_last)
-        fast_run = runtime.compile_model(fast_model, device) if a.compile else fast_model  # FLOPs: on fast_model
         slow_tr, fast_tr = self.loaders(batch, True, "images"), self.loaders(batch, True, "tensors")
-        self.measure("train", name, lambda: train_steps(base_model, slow_tr, gen, None, False, device, fused=False),
-                     lambda: train_steps(fast_run, fast_tr, gen, amp, True, device), batch, batch,
-                     self.flops_extra(fast_model, True))
+        state = run_state(name, models.build_model(name).to(device), device, amp, len(fast_tr), a.compile)
+        fast_model, fast_run = state.raw, state.model  # channels_last, and compiled as --compile does; FLOPs: on raw
+        self.measure("train", name, lambda: baseline_steps(base_model, slow_tr, gen), lambda: run_steps(state, fast_tr, gen),
+                     batch, batch, self.flops_extra(fast_model, True))
         eval_batch = a.batch_size or dataloader.eval_batch_size({**recipes.DEFAULTS, "model": name}, device)
         slow_ev, fast_ev = self.loaders(batch, False, "images"), self.loaders(eval_batch, False, "tensors")
         self.measure("infer", name, lambda: infer_steps(base_model, slow_ev, None, False, device),
@@ -292,6 +346,9 @@ def main_bench(argv=None):
     all_models = (a.models or "three,skip,ensemble,res").split(",")
     if a.memory:
         return memory_table(all_models)
+    if a.muon:
+        print(f"device: {runtime.machine(torch.device(a.device))}; --model res, --preset short, batch 64")
+        return muon_share(torch.device(a.device))
     if a.data_dir == recipes.DEMO_DIR:
         demo_data.ensure(recipes.DEMO_DIR)
     device = torch.device(a.device)

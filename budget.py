@@ -1,7 +1,9 @@
-"""--minutes N: a run sized to a time budget on this machine. Its step and evaluation are timed when it starts,
-on a throwaway copy of the model, and the epochs that fit are chosen once and saved with the run's settings, so a
-resume goes on to the same end and a fixed schedule (--scheduler linear, say) anneals exactly at it.
+"""Timing a run's own training step on this machine before it starts: the precision and memory layout that
+--amp auto and --channels-last auto choose, and the epochs that --minutes N fits. Each timing steps a copy of the
+model built as the run builds it (trainstep.build_state), so the run's weights and random state are untouched;
+each choice is saved with the run's settings, so a resume on the same machine keeps it.
 
+    precision, layout: the fastest training step among the candidates the device runs natively
     epochs = (N minutes x MARGIN - setting up - the end of the run) / (an epoch's steps + its evaluations)
 """
 import copy
@@ -10,8 +12,8 @@ import time
 
 import torch
 
-import optim
 import runtime
+import trainstep
 from errors import UserError
 from runtime import log
 
@@ -44,39 +46,125 @@ def fit_epochs(budget_s, spent_s, epoch_s, end_s):
     return max(1, math.floor((budget_s * MARGIN - spent_s - end_s) / epoch_s))
 
 
-def size_epochs(run, step, started):
-    """Times a training step and an evaluation batch here and returns the epochs that fit in --minutes. `step` is
-    train.step; it runs on a copy of the model and optimizer, so the run's weights and random state are untouched."""
+# ==============================================================================================
+# --amp auto, --channels-last auto
+
+TUNE_WARMUP, TUNE_STEPS = 1, 2  # untimed steps (first-call set-up, cuDNN's search), then timed ones: the fastest
+SLOW = 5  # a candidate whose warm-up step alone took this many times the best step so far is not timed further
+
+
+def choose_precision_and_layout(cfg, raw, batches, device, saved=None, given=()):
+    """Sets cfg["chosen"]: the precision and layout the run trains in here, where they were chosen and the
+    timings that chose them. For --amp auto / --channels-last auto, a few training steps of the run's own model
+    and batch are timed in each candidate the device runs natively (runtime.native_precisions; NCHW and
+    channels_last) and the fastest is taken. A resumed run (saved: its settings) keeps its choice on the machine
+    that made it and chooses anew elsewhere, where a precision it was given that is not native there is dropped
+    for auto unless given again now (`given`: the flags of this command). A change is said in one line."""
+    here = runtime.machine(device)
+    before = (saved or {}).get("chosen")
+    if (before and before["on"] != here and "amp" not in given
+            and cfg["amp"] not in ("auto", *runtime.native_precisions(device))):
+        log(f"note: this run was given --amp {cfg['amp']}, which {here} only emulates: it goes on as --amp auto "
+            f"chooses (resume with --amp {cfg['amp']} to keep it)")
+        cfg["amp"] = "auto"
+    runtime.check_precision(cfg["amp"], device)
+    amps = runtime.native_precisions(device) if cfg["amp"] == "auto" else [cfg["amp"]]
+    layouts = [False, True] if cfg["channels_last"] == "auto" else [bool(cfg["channels_last"])]
+    if before and before["on"] == here and before["amp"] in amps and before["channels_last"] in layouts:
+        chosen = before
+    elif len(amps) * len(layouts) == 1 or runtime.WORLD > 1:  # under torchrun: the first candidates, untimed
+        chosen = dict(amp=amps[0], channels_last=layouts[-1], on=here, seconds=None)
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            seconds = time_candidates(cfg, raw, batches, device, [(a, cl) for a in amps for cl in layouts])
+        (amp, cl), _ = min(seconds.items(), key=lambda kv: kv[1])
+        chosen = dict(amp=amp, channels_last=cl, on=here, seconds={describe(a, c): s for (a, c), s in seconds.items()})
+        asked = " / ".join(f for f, v in (("--amp", cfg["amp"]), ("--channels-last", cfg["channels_last"])) if v == "auto")
+        log(f"{asked} auto: a training step here takes " + ", ".join(
+            f"{k} {v:.3g} s" if v < math.inf else f"{k} out of memory" for k, v in chosen["seconds"].items())
+            + f": training in {describe(amp, cl)} (saved with the run)")
+    if before and (before["amp"], before["channels_last"]) != (chosen["amp"], chosen["channels_last"]):
+        log(f"this run trained in {describe(before['amp'], before['channels_last'])} on {before['on']}; it goes on in "
+            f"{describe(chosen['amp'], chosen['channels_last'])} on {here}: a resume continues bit for bit only in "
+            f"the precision it was saved in")
+    cfg["chosen"] = chosen
+
+
+def describe(amp, channels_last):
+    return f"{runtime.PRECISION_NAMES[amp]} {'channels_last' if channels_last else 'NCHW'}"
+
+
+def time_candidates(cfg, raw, batches, device, candidates):
+    """Seconds of a training step (the fastest of TUNE_STEPS, after TUNE_WARMUP) in each (precision, layout), on
+    a copy of the model and one batch of the run's own size; not compiled (compiling each would take minutes)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y, _ = next(batches.batches(batches.plan(gen), gen))
+    seconds = {}
+    for amp, cl in candidates:
+        trial = trainstep.build_state(cfg, copy.deepcopy(raw).train(), device, runtime.DTYPES[amp], cl, len(batches),
+                                      compile=False, ddp=False)
+        try:
+            times = [timed_step(trial, x, y) for _ in range(TUNE_WARMUP)]
+            if not seconds or times[-1] < SLOW * min(seconds.values()):
+                times = [timed_step(trial, x, y) for _ in range(TUNE_STEPS)]
+            seconds[amp, cl] = min(times)
+        except torch.OutOfMemoryError:  # a candidate that does not fit is not one (fp32 needs more than fp16)
+            seconds[amp, cl] = math.inf
+        del trial
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return seconds
+
+
+def timed_step(state, x, y):
+    t0 = time.perf_counter()
+    trainstep.step(state, x, y)
+    runtime.sync(state.device)
+    return time.perf_counter() - t0
+
+
+# ==============================================================================================
+# --minutes
+
+def size_epochs(run, started):
+    """Times the run's own training step, input included, and an evaluation batch here, and returns the epochs
+    that fit in --minutes. The step runs on a state built as the run's (its own GradScaler, compiled where the
+    run is), on a copy of the model, so the run's weights, scaler and random state are untouched."""
     if runtime.WORLD > 1:
         raise UserError("--minutes sizes a run of one process: under torchrun give --epochs")
     # Dropout draws from the global generators: forked, so the run draws what it would have without this timing
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        return _size_epochs(run, step, started)
+        return _size_epochs(run, started)
 
 
-def _size_epochs(run, step, started):
+def _size_epochs(run, started):
     cfg, tr, device = run.cfg, run.train_batches, run.device
-    trial = copy.copy(run)
-    trial.raw = trial.model = copy.deepcopy(run.raw).train()
-    trial.opt = optim.make_optimizer(trial.raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
-    trial.sched = optim.make_scheduler(cfg, trial.opt, len(tr))
-    trial.ema = None if run.ema is None else optim.make_ema(trial.raw, cfg["ema"])
+    trial = trainstep.build_state(cfg, copy.deepcopy(run.raw).train(), device, run.amp, run.channels_last, len(tr),
+                                  run.recall)
     gen = torch.Generator().manual_seed(0)
-    x, y, _ = next(tr.batches(tr.plan(gen), gen))
+    batches = iter(())
 
-    def train_step():
-        step(trial, x, y)
+    def train_step():  # the loader's next batch (augmented as in the run), then the step
+        nonlocal batches
+        try:
+            x, y, _ = next(batches)
+        except StopIteration:
+            batches = tr.batches(tr.plan(gen), gen)
+            x, y, _ = next(batches)
+        trainstep.step(trial, x, y)
         runtime.sync(device)
+        return len(x)
     step_s = seconds_each(train_step, 8)
     views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4  # at the end (and each epoch unless last)
     ex, _, _ = next(run.val_batches.batches(run.val_batches.plan()))
+    ex = ex.contiguous(memory_format=torch.channels_last) if run.channels_last else ex
     trial.raw.eval()
 
     @torch.inference_mode()
     def evaluate():
         with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
             for _ in range(views):
-                trial.raw(ex)
+                trial.model(ex)
         runtime.sync(device)
     eval_s = seconds_each(evaluate, 4) / len(ex)  # per image, all views
     judged = run.val_batches.n + (run.holdout_batches.n if run.holdout_batches is not None else 0)
@@ -84,7 +172,7 @@ def _size_epochs(run, step, started):
     epoch_s = len(tr) * step_s + judging_s
     end_s = (run.val_batches.n + run.test_batches.n) * eval_s + END_S
     epochs = fit_epochs(cfg["minutes"] * 60, time.time() - started, epoch_s, end_s)
-    log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(tr)} steps at {len(x) / step_s:.0f} "
-        f"img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} (saved with the run: a "
-        f"resume keeps them)")
+    log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(tr)} steps at "
+        f"{cfg['batch_size'] / step_s:.0f} img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} "
+        f"(saved with the run: a resume keeps them)")
     return epochs

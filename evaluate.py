@@ -43,7 +43,7 @@ def _predict_probs(model, batches, cfg, device, amp, tta, desc):
     probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
     with runtime.progress(len(batches), desc, cfg) as bar:  # closed also when an out-of-memory error ends it
         for x, y, idx in batches.batches(batches.plan()):
-            x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+            x = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last(cfg, device) else x
             views = dataloader.tta_views(x, cfg["tta_views"]) if tta else [x]
             p = 0
             for v in views:
@@ -91,7 +91,7 @@ def model_for_eval(ckpt, path, cfg, device):
     model = models.build_model(ckpt["model"])  # an ensemble's checkpoint holds its bases' weights too
     checkpoint.load_weights(model, {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
     model = model.to(device)
-    if cfg["channels_last"]:
+    if runtime.channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -100,8 +100,11 @@ def add_recipe_flags(r):
 
 def add_machine_flags(s):
     s.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
-    s.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (default auto)")
-    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    s.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="precision: bf16, fp16 (with a "
+                   "GradScaler) or off (fp32); auto (default) times a few training steps in each this device runs "
+                   "natively and takes the fastest (printed, and saved with the run)")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="memory layout (default: the "
+                   "faster of the two, timed with --amp auto's candidates)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (on one GPU "
                    "with CUDA graphs: faster epochs after a first one that compiles)")
     s.add_argument("--loader", choices=["tensors", "images"], help="tensors: decode once, augment batches "

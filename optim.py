@@ -1,12 +1,15 @@
 """What a training step is made of: the loss, the optimizer (and loading its saved state), the learning-rate
 schedule, the EMA of the weights, and batch mixing (mixup / cutmix). train.py puts them together into the loop.
 """
+import itertools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.optim.swa_utils
 
+import runtime
 from recipes import NUM_CLASSES, fixed_class_weights
 
 
@@ -47,7 +50,8 @@ def make_optimizer(params, lr, weight_decay=0.0, kind="adam"):
     fused is the library's fastest too, and works with the GradScaler. muon: MuonAdamW (below)."""
     params = [p for p in params if p.requires_grad]
     if kind == "muon":
-        return MuonAdamW(params, lr=lr, weight_decay=weight_decay)
+        return MuonAdamW(params, lr=lr, weight_decay=weight_decay,
+                         ns_fp32=bool(params) and "bf16" not in runtime.native_precisions(params[0].device))
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
     return opt(params, lr=lr, weight_decay=weight_decay, fused=True)
 
@@ -70,14 +74,15 @@ class MuonAdamW(torch.optim.Optimizer):
     --weight-decay and the schedule mean what they mean for adamw. Its param_groups are the model's own tensors
     (conv weights, rest), so the schedule, the GradScaler and zero_grad see them as for any optimizer."""
 
-    def __init__(self, params, lr, weight_decay):
+    def __init__(self, params, lr, weight_decay, ns_fp32=False):
         convs = [p for p in params if p.ndim == 4]
         rest = [p for p in params if p.ndim != 4]
         super().__init__([dict(params=convs), dict(params=rest)], dict(lr=lr, weight_decay=weight_decay))
         self.channels_last = [not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
                               for p in convs]
         self.matrices = [nn.Parameter(as_matrix(p.detach(), cl, view=True)) for p, cl in zip(convs, self.channels_last)]
-        self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        muon = MuonFP32 if ns_fp32 else torch.optim.Muon
+        self.muon = muon(self.matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay, fused=True)
 
     @torch.no_grad()
@@ -91,14 +96,68 @@ class MuonAdamW(torch.optim.Optimizer):
             matrix.grad = None
 
     def state_dict(self):
-        return dict(muon=self.muon.state_dict(), adamw=self.adamw.state_dict(),
+        """Muon's momentum saved with its columns in (in, kh, kw) order whatever the weights' layout, so a run
+        resumed in the other layout (--channels-last auto chose anew on another machine) reads it right."""
+        muon = self.muon.state_dict()
+        muon["state"] = {i: {**s, "momentum_buffer": self._columns(i, s["momentum_buffer"], to_nchw=True)}
+                         for i, s in muon["state"].items()}
+        return dict(muon=muon, adamw=self.adamw.state_dict(), columns="nchw",
                     param_groups=[dict(lr=g["lr"]) for g in self.param_groups])
 
+    def _columns(self, i, buf, to_nchw):
+        """A momentum matrix of conv weight i, its columns from this layout to (in, kh, kw) or back."""
+        if not self.channels_last[i]:
+            return buf
+        out, cin, kh, kw = self.param_groups[0]["params"][i].shape
+        if to_nchw:
+            return buf.view(out, kh, kw, cin).permute(0, 3, 1, 2).reshape(out, -1)
+        return buf.view(out, cin, kh, kw).permute(0, 2, 3, 1).reshape(out, -1)
+
     def load_state_dict(self, state):
-        self.muon.load_state_dict(state["muon"])
+        muon = state["muon"]
+        if state.get("columns") == "nchw":  # older checkpoints: in the layout they were saved in, the run's own
+            muon = {**muon, "state": {i: {**s, "momentum_buffer": self._columns(i, s["momentum_buffer"], to_nchw=False)}
+                                      for i, s in muon["state"].items()}}
+        self.muon.load_state_dict(muon)
         load_optimizer_state(self.adamw, state["adamw"])
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group["lr"] = saved["lr"]
+
+
+def newton_schulz(g, abc, steps, eps, dtype):
+    """torch.optim.Muon's Newton-Schulz iteration (torch/optim/_muon.py: about the nearest orthogonal matrix to
+    g) computed in `dtype`; the library always computes it in bf16, and in bf16 this gives its result bit for
+    bit (tested)."""
+    a, b, c = abc
+    x = g.to(dtype)
+    x = x.T if g.size(0) > g.size(1) else x
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class MuonFP32(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iterations in fp32 instead of bf16, on devices that only emulate
+    bf16 (a CPU without AVX512-BF16 or AMX; a GTX 1650). Why: measured with `python bench.py --muon` on a 2-core
+    CPU limited to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2026-12-03), ResCNN's iterations took
+    2,228 ms a step in emulated bf16 against 37 ms in fp32, within a 4.5 s fp32 training step: half of it. On a
+    bf16 CPU they take 17 ms of a 0.69 s step, and the library's own step runs there. The library offers no
+    switch for the precision, so this is its step with the same momentum, rate and decay, and our iteration."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - group["momentum"])
+                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], torch.float32)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
 
 
 # Schedules stepped after every training step rather than once an epoch.
@@ -137,24 +196,41 @@ def make_scheduler(cfg, opt, steps_per_epoch=1):
 
 
 def make_ema(model, decay):
-    """An exponential moving average of the weights and BatchNorm buffers (torch.optim.swa_utils.AveragedModel),
-    updated after every step with the rate min(decay, (1 + n) / (10 + n)) after n updates. Why the warm-up:
-    with a fixed 0.999 the average still holds 0.999^n of the random initial weights, ~46% after the 780 steps
-    of 4 epochs at batch 64, and judged that early a ResCNN said one class for every image (20.00%) while
-    training accuracy was at 80%; with it, the average follows the model closely at first and settles to
-    `decay` after ~10,000 steps (the warm-up of tf.train.ExponentialMovingAverage's num_updates)."""
-    from torch.optim.swa_utils import AveragedModel
+    """An exponential moving average of the weights and BatchNorm buffers (EMA, below), updated after every step
+    taken with the rate min(decay, (1 + n) / (10 + n)) after n updates. Why the warm-up: with a fixed 0.999 the
+    average still holds 0.999^n of the random initial weights, ~46% after the 780 steps of 4 epochs at batch 64,
+    and judged that early a ResCNN said one class for every image (20.00%) while training accuracy was at 80%;
+    with it, the average follows the model closely at first and settles to `decay` after ~10,000 steps (the
+    warm-up of tf.train.ExponentialMovingAverage's num_updates)."""
+    return EMA(model, decay)
+
+
+class EMA(torch.optim.swa_utils.AveragedModel):
+    """torch.optim.swa_utils.AveragedModel (the copy of the model, its count n_averaged, and how --evaluate
+    reads it), updated without a host sync: the library's update_parameters reads n_averaged on the host twice
+    a step, which on a GPU stalls every step. Here the rate is computed on the device, and `taken` (a 0-d bool
+    tensor on the device: the fp16 step was not skipped) gates the update, so a skipped step leaves the
+    average and its count where they were."""
+
+    def __init__(self, model, decay):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
 
     @torch.no_grad()
-    def update(averaged, current, n):
-        rate = min(decay, (1 + float(n)) / (10 + float(n)))
-        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
+    def update_parameters(self, model, taken=None):
+        n = self.n_averaged.double()
+        weight = torch.where(n == 0, 1.0, 1 - torch.clamp((1 + n) / (10 + n), max=self.decay))  # the first copies
+        if taken is not None:
+            weight = weight * taken
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers())))
+        floats = [(a, c) for a, c in pairs if torch.is_floating_point(a)]
         if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - rate)
-        for a, c in zip(averaged, current):  # counters (BatchNorm's num_batches_tracked): the model's own
+            torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats], weight)
+        for a, c in pairs:  # counters (BatchNorm's num_batches_tracked): the model's own
             if not torch.is_floating_point(a):
-                a.copy_(c)
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+                a.copy_(c if taken is None else torch.where(taken, c, a))
+        self.n_averaged += 1 if taken is None else taken
 
 
 def make_mix(cfg):

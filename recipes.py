@@ -76,7 +76,7 @@ MODEL_PRESET = {"res": "short"}
 
 # Everything else a run is made of, with its default (None: decided at run time).
 DEFAULTS = dict(
-    model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last=True,
+    model="three", data_dir="dataset", preset="report", seed=0, device=None, amp="auto", channels_last="auto",
     compile=False, loader="tensors", pin_memory=True, max_memory_gb=4.0, cache_dir=None,
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
@@ -87,11 +87,12 @@ DEFAULTS = dict(
 
 # Settings that change a checkpoint's predictions: --evaluate / --predict / --analyze judge a checkpoint with its
 # run's own unless given on the command line (evaluate.judged_as).
-JUDGING = ("tta", "tta_views", "channels_last", "amp")
+JUDGING = ("tta", "tta_views", "channels_last", "amp", "chosen")
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"device", "workers", "pin_memory", "quiet", "detect_anomaly", "loader", "cache_dir",
-                     "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir"}
+                     "max_memory_gb", "eval_batch_size", "epochs", "early_stop", "compile", "out_dir", "ckpt_dir",
+                     "amp", "channels_last"}  # a precision or layout given on resume: from there on (budget.py)
 
 # What each number of a run may be. A value outside is refused in one line before anything starts: batch 0
 # would divide by zero at the first epoch, a negative lr fails inside Adam with a traceback, and an EMA decay

@@ -204,7 +204,7 @@ def start_log(run, resumed):
         if note:
             log(note)
     log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
-        f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
+        f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}{' channels_last' if run.channels_last else ''}, "
         f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")
 
 
@@ -321,7 +321,12 @@ def restore(run, ckpt, path):
     if cfg["scheduler"] in ("warmup_cosine", "linear"):  # the same: the rate of the schedule over the --epochs given now
         for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
-    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.scaler.is_enabled() and ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    elif run.scaler.is_enabled():  # it trained in bf16 or fp32 until now: their GradScaler saves nothing
+        log("note: fp16 from here: the checkpoint has no GradScaler state (it trained in another precision), so "
+            "the scaler starts afresh")
+    run.skipped.fill_(ckpt.get("skipped", 0))
     if run.ema is not None:
         checkpoint.load_weights(run.ema.module, ckpt, path, key="ema_state_dict")
         run.ema.n_averaged.fill_(ckpt["ema_n"])
@@ -340,7 +345,7 @@ def snapshot(run, finished=False):
                 state_dict=run.raw.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
                 scaler=run.scaler.state_dict(), ema_state_dict=ema.module.state_dict() if ema is not None else None,
                 ema_n=int(ema.n_averaged) if ema is not None else 0, rng=checkpoint.rng_state(run.gen),
-                partial=run.partial.cpu(), data=run.data_rows)
+                partial=run.partial.cpu(), data=run.data_rows, skipped=int(run.skipped))
 
 
 def write(run, fn, *args):

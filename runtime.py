@@ -87,26 +87,69 @@ def device_name(device):
 # Precision
 
 def cpu_has_bf16():
+    """Whether the CPU computes bf16 natively, as the library itself decides it (oneDNN: AVX512-BF16, AMX, or
+    AVX-512's BW/VL/DQ on which it runs bf16 fast); on Linux, macOS and Windows alike. With ONEDNN_MAX_CPU_ISA=AVX2
+    it says no, as on a laptop CPU with AVX2 only."""
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def machine(device):
+    """What a measured choice of precision and layout holds for: the GPU and its compute capability, or the CPU's
+    kernels (its instruction set as PyTorch uses it, bf16 or not) and threads. A run resumed elsewhere chooses anew."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return (f"CPU {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+            f"{', bf16' if cpu_has_bf16() else ''}, {torch.get_num_threads()} threads")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+PRECISION_NAMES = {"bf16": "bf16", "fp16": "fp16 + GradScaler", "off": "fp32"}
+
+
+def native_precisions(device):
+    """The precisions this device computes natively, the likely fastest first; --amp auto times them (never fp16
+    without its GradScaler, which every fp16 run here has). GPUs: bf16 where native (Ampere and newer), fp16 (a
+    GTX 1650 has fp16 but emulates bf16: including_emulation=False, else PyTorch says yes to it) and fp32. CPUs:
+    bf16 where the library says it is native, and fp32 (emulated bf16 is slower than fp32, ~20x a convolution)."""
+    if device.type == "cuda":
+        return (["bf16"] if torch.cuda.is_bf16_supported(including_emulation=False) else []) + ["fp16", "off"]
+    return (["bf16"] if cpu_has_bf16() else []) + ["off"]
+
+
+def check_precision(mode, device):
+    """A precision this device cannot run at all is one line (bf16 on a GPU that cannot even emulate it)."""
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=True):
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} cannot compute in bf16: use --amp auto "
+                        f"(it measures fp16 and fp32 here)")
+
+
+def precision(cfg, device):
+    """'bf16', 'fp16' or 'off' (fp32): --amp as given; for auto, the run's measured choice where it was made on this
+    machine (cfg['chosen'], budget.py), else the first native one (commands that judge a checkpoint elsewhere)."""
+    mode = cfg["amp"]
+    if mode == "auto":
+        chosen = cfg.get("chosen")
+        mode = chosen["amp"] if chosen and chosen["on"] == machine(device) else native_precisions(device)[0]
+    return mode
 
 
 def amp_dtype(cfg, device):
-    """auto: bf16 on GPUs that have it, fp16 (+ GradScaler) on older ones like the GTX 1650, and on the CPU
-    bf16 where it has native bf16 instructions (several times faster there; docs/performance.md) and fp32
-    where it has not (emulated bf16 is slower than fp32)."""
-    mode = cfg["amp"]
-    if mode == "auto":
-        if device.type == "cuda":
-            # including_emulation=False: by default PyTorch also says yes to cards that only emulate bf16
-            # (a GTX 1650, compute capability 7.5), where it is slow; those get fp16 and a GradScaler.
-            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-        else:
-            mode = "bf16" if cpu_has_bf16() else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+    """The autocast dtype of precision(): torch.bfloat16, torch.float16 (+ GradScaler) or None (fp32)."""
+    return DTYPES[precision(cfg, device)]
+
+
+def channels_last(cfg, device):
+    """Whether the model and its inputs are channels_last: --channels-last as given; for auto, the run's measured
+    choice where it was made on this machine, else channels_last."""
+    cl = cfg["channels_last"]
+    if cl == "auto":
+        chosen = cfg.get("chosen")
+        return chosen["channels_last"] if chosen and chosen["on"] == machine(device) else True
+    return bool(cl)
 
 
 def device_note(cfg, device):
@@ -120,12 +163,22 @@ def device_note(cfg, device):
 
 
 def precision_note(cfg, device, amp):
-    """The line a run on a CPU without bf16 instructions prints once: it trains in fp32, and why."""
-    if device.type != "cpu" or amp is not None or cfg["amp"] != "auto" or cpu_has_bf16():
+    """The line a run prints once where its precision is not native here: a CPU without bf16 training in fp32
+    under --amp auto (why), or a precision asked for that this machine only emulates (what it costs)."""
+    mode = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[amp]
+    if device.type == "cpu" and mode == "off" and cfg["amp"] == "auto" and not cpu_has_bf16():
+        return ("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it trains in fp32: bf16 emulated "
+                "in software would be slower still. Expect several times the epoch time of a bf16 CPU, and a small "
+                "fraction of it on a GPU, where the real speed is (docs/performance.md)")
+    if mode == "off" or mode in native_precisions(device):
         return None
-    return ("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it trains in fp32: bf16 emulated in "
-            "software would be slower still. Expect several times the epoch time of a bf16 CPU, and a small "
-            "fraction of it on a GPU, where the real speed is (docs/performance.md)")
+    if device.type == "cpu" and mode == "fp16":
+        return ("note: --amp fp16 on a CPU runs a GTX 1650's code path (fp16 autocast + GradScaler) in emulation: "
+                "one ThreeCNN step at batch 16 took ~30 s on a 2-core AVX512-BF16 CPU, against ~0.1 s in bf16. "
+                "For checking that path, not for training: --amp auto measures what is fast here")
+    where = "this CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return (f"note: --amp {mode}: {where} emulates {mode}, which runs several times slower than fp32 there (a bf16 "
+            f"convolution ~20x on an AVX2 CPU): --amp auto measures what is fast here")
 
 
 # ==============================================================================================

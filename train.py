@@ -11,7 +11,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 
 import budget
 import checkpoint
@@ -23,6 +22,7 @@ import optim
 import report
 import runs
 import runtime
+import trainstep
 from errors import UserError, raise_lost_interrupt
 from runtime import log
 
@@ -52,27 +52,6 @@ class NumericalError(Exception):
     """A loss that became NaN or infinite."""
 
 
-def step(run, x, y):
-    """One training step on a batch: forward, loss, backward, the optimizer, the per-step schedule, the EMA.
-    Returns (loss, the model's output)."""
-    x = x.contiguous(memory_format=torch.channels_last) if run.cfg["channels_last"] else x
-    target = y
-    if run.mix is not None:
-        x, target = run.mix(x, y)
-    with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-        out = run.model(x)
-        loss = run.loss_fn(out.float(), target)
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.opt)  # with fp16, steps whose gradients overflowed are skipped: normal, not an error
-    run.scaler.update()
-    if run.cfg["scheduler"] in optim.PER_STEP_SCHEDULES:
-        run.sched.step()
-    if run.ema is not None:
-        run.ema.update_parameters(run.raw)
-    return loss, out
-
-
 def train_steps(run, start, stats):
     """Train over one epoch's batches from step `start`; stats (device tensors) accumulate loss and accuracy.
     Returns the number of steps done (stops early when Stop.signal is set)."""
@@ -84,7 +63,7 @@ def train_steps(run, start, stats):
     bar.update(start)
     t0 = time.time()
     for x, y, _ in batches.batches(run.plan, run.gen, start):
-        loss, out = step(run, x, y)
+        loss, out = trainstep.step(run, x, y)
         losses[done] = loss.detach()
         stats[0] += loss.detach() * len(y)
         stats[1] += (out.argmax(1) == y).sum()
@@ -92,6 +71,7 @@ def train_steps(run, start, stats):
         done += 1
         if done % 50 == 0 or done == len(batches):
             check_finite(losses[:done], epoch)
+            trainstep.follow_steps_taken(run)
             if bar.disable is False:
                 bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}",
                                 acc=f"{100 * stats[1].item() / stats[2].item():.1f}%",
@@ -176,7 +156,6 @@ def set_up(cfg, given, resume, checked=None):
                 finish_run(cfg, run_dir, device, runtime.amp_dtype(cfg, device))
             return 0
     device = runtime.setup_distributed(cfg)  # after a resume has restored the run's own settings
-    amp = runtime.amp_dtype(cfg, device)
     gen = runtime.seed_everything(cfg["seed"], cfg["deterministic"])
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
     data = checked or dataset.check_data(cfg["data_dir"])  # a new run's was checked before PyTorch was imported
@@ -185,28 +164,25 @@ def set_up(cfg, given, resume, checked=None):
         runs.check_resume_data(ckpt, data_rows, cfg, path)
     tr, va, held, te = load_data(cfg, device, data)
     raw = models.build_for_run(cfg).to(device)
-    if cfg["channels_last"]:
-        raw = raw.to(memory_format=torch.channels_last)
-    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
+    budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
+    state = trainstep.build_state(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device),
+                                  len(tr))
     raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
         runs.check_output(cfg, run_dir, raw)
-    ema = optim.make_ema(raw, cfg["ema"]) if cfg["ema"] else None
+    machine_notes(cfg, device)
     run = SimpleNamespace(
-        cfg=cfg, device=device, amp=amp, gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va,
-        holdout_batches=held, test_batches=te,
-        raw=raw, model=wrap_model(cfg, raw, device), opt=opt, sched=optim.make_scheduler(cfg, opt, len(tr)),
-        ema=ema,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), mix=optim.make_mix(cfg),
-        run_dir=run_dir, last=os.path.join(run_dir, "last.pth"), log_csv=os.path.join(run_dir, "log.csv"),
+        **vars(state), gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va, holdout_batches=held,
+        test_batches=te, run_dir=run_dir, last=os.path.join(run_dir, "last.pth"),
+        log_csv=os.path.join(run_dir, "log.csv"),
         **runs.COUNTERS, partial=torch.zeros(3, device=device), finished=False)  # where the run stands
     if ckpt is not None:
         runs.restore(run, ckpt, path)
     run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, device, run.recall))
     if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
-        cfg["epochs"] = budget.size_epochs(run, step, started)
-        run.sched = optim.make_scheduler(cfg, opt, len(tr))
+        cfg["epochs"] = budget.size_epochs(run, started)
+        run.sched = optim.make_scheduler(cfg, run.opt, len(tr))
     if runtime.RANK == 0:
         runs.start_log(run, ckpt is not None)
     return run
@@ -239,24 +215,13 @@ def claim_run_dir(cfg):
     return run_dir
 
 
-def wrap_model(cfg, raw, device):
-    """The model the steps call: compiled (--compile) and under DDP (torchrun) as asked; `raw` stays the one
-    whose weights are saved."""
-    model = raw
-    if cfg["compile"]:
-        model = runtime.compile_model(model, device)
-        if device.type == "cpu":
-            log("note: --compile pays on a GPU; on a CPU it trained ThreeCNN slower than without (docs/performance.md)")
+def machine_notes(cfg, device):
+    """Settings that pay on a GPU and cost on a CPU, said once."""
+    if cfg["compile"] and device.type == "cpu":
+        log("note: --compile pays on a GPU; on a CPU it trained ThreeCNN slower than without (docs/performance.md)")
     if cfg["preset"] == "fast" and device.type == "cpu":
         log("note: --preset fast pays on a GPU; on a CPU ThreeCNN trained slower per image at batch 256 than at the "
             "report's 16 (docs/performance.md), so --preset report is faster here")
-    if runtime.WORLD > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
-
-
 
 
 def one_epoch(run):
