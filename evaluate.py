@@ -41,9 +41,10 @@ def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
 def _predict_probs(model, batches, cfg, device, amp, tta, desc):
     model.eval()
     probs, pos, loss_sum, count = [], [], torch.zeros((), device=device), 0
+    channels_last = runtime.channels_last(cfg, device)
     with runtime.progress(len(batches), desc, cfg) as bar:  # closed also when an out-of-memory error ends it
         for x, y, idx in batches.batches(batches.plan()):
-            x = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last(cfg, device) else x
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             views = dataloader.tta_views(x, cfg["tta_views"]) if tta else [x]
             p = 0
             for v in views:

@@ -1,7 +1,8 @@
 """The measured results: docs/results.csv (one row per run) rendered as the tables users read.
 
-    python results.py            rewrite docs/results.md and the summary table in README.md from the CSV
-    python results.py --check    exit 1 when either is out of step with the CSV (the tests run this)
+    python results.py            rewrite docs/results.md, the summary table in README.md and the picture of
+                                 accuracy against minutes (docs/time_to_accuracy.png) from the CSV
+    python results.py --check    exit 1 when the tables are out of step with the CSV (the tests run this)
 
 A row: date, machine, model, recipe, command, seed, epochs, minutes, val_acc (%), holdout_acc (% on the
 training rows the run held out with --holdout; empty without), class4_recall (on validation), selected_on_val (yes: the reported checkpoint was chosen by validation accuracy, as the report's recipe
@@ -19,6 +20,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSV = os.path.join(ROOT, "docs", "results.csv")
 MD = os.path.join(ROOT, "docs", "results.md")
 README = os.path.join(ROOT, "README.md")
+CURVE = os.path.join(ROOT, "docs", "time_to_accuracy.png")
+CURVE_MACHINE = "CPU, 2 cores, AVX512-BF16"  # where every point of the curve was measured
 FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc", "holdout_acc",
           "class4_recall", "selected_on_val"]
 BEGIN, END = "<!-- results summary: made by results.py from docs/results.csv -->", "<!-- end of results summary -->"
@@ -59,8 +62,9 @@ def groups_of(rows):
 
 
 # A whole run on the real data: not the demo set, not a screening run at a short budget, not a run cut short
-# ("(3 epochs)", ", 2 epochs", "stopped ...").
-PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs")
+# ("(3 epochs)", ", 2 epochs", "stopped ..."), not one whose minutes other work on the machine stretched
+# ("tests ran beside it").
+PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs|beside")
 # The recipe `python main.py --model res` trains now ("short", and its votes and time budgets): README's table
 # leads with its single models, then its votes. Its earlier forms are named "short, first form (...)",
 # "short, second form (...)".
@@ -119,6 +123,64 @@ def results_md(rows):
     return "\n".join(lines) + "\n"
 
 
+# ==============================================================================================
+# Accuracy against minutes
+
+def curve_series(rows):
+    """The curve's points, (minutes, validation %, label) per series, from whole runs on the real data on
+    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), ThreeCNN under it,
+    and the report's ThreeCNN recipe, the reference."""
+    def points(keep):
+        return sorted((float(r["minutes"]), float(r["val_acc"]), label(r)) for r in rows
+                      if r["machine"] == CURVE_MACHINE and r["minutes"] and r["val_acc"] and keep(r))
+
+    def label(r):
+        minutes = re.search(r"--minutes (\d+)", r["command"])
+        return f"--minutes {minutes.group(1)}" if minutes else f"{r['epochs']} epochs"
+    single = lambda r: (not PART_RUN.search(r["recipe"]) and "vote" not in r["recipe"]  # noqa: E731
+                        and "holdout" not in r["command"])
+    return {
+        "ResCNN, --preset short (ours)": points(lambda r: r["model"] == "res" and bool(CURRENT.search(r["recipe"]))
+                                                  and single(r)),
+        "ThreeCNN, --preset short": points(lambda r: r["model"] == "three" and bool(CURRENT.search(r["recipe"]))
+                                           and single(r)),
+        "ThreeCNN, the report's recipe": points(lambda r: r["model"] == "three" and r["recipe"] == "report"),
+    }
+
+
+def plot_curve(rows, path=CURVE):
+    """Validation accuracy against minutes a run (training, evaluation and submission) on CURVE_MACHINE: every run
+    a dot, and a line through the means of the runs of one setting (their seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (name, pts), marker in zip(curve_series(rows).items(), "osD"):
+        if not pts:
+            continue
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="", alpha=0.5)[0]
+        means = {}
+        for m, acc, text in pts:
+            means.setdefault(text, []).append((m, acc))
+        mean = sorted((statistics.mean(m for m, _ in v), statistics.mean(a for _, a in v), t) for t, v in means.items())
+        ax.plot([p[0] for p in mean], [p[1] for p in mean], marker=marker, color=line.get_color(), label=name)
+        for m, acc, text in mean:
+            ax.annotate(text, (m, acc), textcoords="offset points", xytext=(0, 7), fontsize=7, ha="center")
+    ax.set_xscale("log")
+    ticks = [5, 10, 15, 30, 60, 120, 240]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlim(4, 300)
+    ax.margins(y=0.15)
+    ax.set_xlabel("minutes a run, training to submission (log scale)")
+    ax.set_ylabel("validation accuracy %")
+    ax.set_title(f"Accuracy against time, {CURVE_MACHINE} (docs/results.csv)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def readme_with_summary(text, rows):
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{README} has no results block ({BEGIN} ... {END})")
@@ -142,6 +204,8 @@ def main(argv=None):
         with open(path, "w") as f:
             f.write(want[path])
         print(f"wrote {os.path.relpath(path, ROOT)}")
+    plot_curve(rows)
+    print(f"wrote {os.path.relpath(CURVE, ROOT)}")
     return 0
 
 

@@ -203,9 +203,11 @@ def start_log(run, resumed):
     for note in (runtime.device_note(cfg, device), runtime.precision_note(cfg, device, amp)):
         if note:
             log(note)
+    precision = str(amp).replace("torch.", "") if amp else "fp32"
     log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
-        f"parameters) on {runtime.device_name(device)}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}{' channels_last' if run.channels_last else ''}, "
-        f"{runtime.WORLD} process(es), loader {type(run.train_batches).__name__}")
+        f"parameters) on {runtime.device_name(device)}, precision {precision}"
+        f"{' channels_last' if run.channels_last else ''}, {runtime.WORLD} process(es), loader "
+        f"{type(run.train_batches).__name__}")
 
 
 def write_log(path, rows):

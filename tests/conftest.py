@@ -1,3 +1,4 @@
+"""Shared fixtures: the tiny synthetic data set, the quick-run flags, main.main in-process and as a process."""
 import os
 import subprocess
 import sys

@@ -1,3 +1,4 @@
+"""bench.py: its JSON, the compiled path it times, the memory count without a GPU and the 4 GB card."""
 import json
 
 import pytest
@@ -7,7 +8,11 @@ import bench
 import recipes
 
 
-def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(tiny_data, tmp_path):
+def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(tiny_data, tmp_path, monkeypatch):
+    """...and its fast path trains with main.py's own step (trainstep.step): 1 warm-up step and 8 timed."""
+    import trainstep
+    calls, real = [], trainstep.step
+    monkeypatch.setattr(trainstep, "step", lambda s, x, y: calls.append((len(x), s.channels_last)) or real(s, x, y))
     out = tmp_path / "b.json"
     rows = bench.main_bench(["--data-dir", tiny_data, "--quick", "--rounds", "1", "--json", str(out), "--batch-size", "4",
                              "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--models", "three"])
@@ -19,6 +24,7 @@ def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(
         assert abs(r["ratio"] - r["fast_img_s"] / r["baseline_img_s"]) < 1e-9
     assert [(r["baseline_batch"], r["fast_batch"]) for r in rows[1:]] == [(4, 4), (4, 4)]
     assert rows[1]["gflop_per_image"] > 3 * rows[2]["gflop_per_image"] * 0.9  # training = forward + backward
+    assert calls[:9] == [(4, True)] * (1 + 8) and (4, True) not in calls[9:]  # then the memory table's
 
 
 def test_bench_compile_times_the_compiled_model(tiny_data, tmp_path, monkeypatch):

@@ -194,12 +194,22 @@ def test_resume_of_weights_of_another_architecture_is_one_line(tiny_data, tmp_pa
     assert {f: (run / f).read_bytes() for f in before} == before  # nothing written or overwritten
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a terminal: a suite started in the background by a script inherits
+    SIGINT ignored, and Python then installs no handler (a Ctrl-C would do nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_data, tmp_path):
     """SIGINT while the program is still importing: once the module that checks the data is imported, PyTorch
     next. (One that a library swallows while it is imported is acted on later: the test below.)"""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, "main.py"),
                              *map(str, base_args(tiny_data, tmp_path))],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     seen = []
     for line in proc.stderr:  # -X importtime prints a line as each module finishes importing
         seen.append(line)
@@ -218,7 +228,7 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_data, tmp_path):
 
 
 def test_a_ctrl_c_that_a_library_swallows_while_starting_still_stops_the_run(tiny_data, tmp_path, run_main,
-                                                                            monkeypatch):
+                                                                            monkeypatch, python_sigint):
     """The first optimizer imports Triton (torch._dynamo). A Ctrl-C raised while its C extension initialises is
     made an ImportError by pybind11, which PyTorch takes for "no Triton" and goes on: the run trained to its end
     and exited 0. Now it stops there, exit 130, before a run folder or checkpoint exists."""

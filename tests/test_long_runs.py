@@ -229,7 +229,7 @@ def test_resume_keeps_the_runs_own_settings(tiny_data, tmp_path, run_main, monke
 
 
 def test_demo_resume_keeps_the_runs_epochs():
-    # --demo means 10 epochs for a new run; a resumed demo run keeps the --epochs it was started with
+    # --demo means DEMO_EPOCHS (3) for a new run; a resumed demo run keeps the --epochs it was started with
     fresh, given = recipes.resolve_config(main.parse_args(["--demo"]))
     assert fresh["epochs"] == recipes.DEMO_EPOCHS and given["epochs"] == recipes.DEMO_EPOCHS
     _, given = recipes.resolve_config(main.parse_args(["--demo", "--resume"]))

@@ -1,3 +1,4 @@
+"""The models against the report's layer tables: parameter counts, shapes, the ensemble's frozen bases."""
 import torch
 
 import models

@@ -356,3 +356,17 @@ def test_muon_runs_its_iterations_in_fp32_where_bf16_is_not_native(monkeypatch):
         ours.zero_grad()
     moved, diff = (model.conv.weight - start).abs().max(), (model.conv.weight.view(8, -1) - twin).abs().max()
     assert moved > 1e-3 and 0 < diff < 0.1 * moved  # the same steps, but for bf16's rounding of the update
+
+
+def test_native_bf16_on_a_cpu_is_what_the_library_says_not_proc_cpuinfo():
+    """Limited to AVX2 by oneDNN's own switch (as on a laptop) the CPU has no native bf16, whatever
+    /proc/cpuinfo lists; the check reads no file, so macOS and Windows get the same answer."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", "import runtime, torch; print(runtime.cpu_has_bf16(), "
+                          "runtime.native_precisions(torch.device('cpu')))"], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.stdout.split() == ["False", "['off']"], out.stderr

@@ -44,15 +44,23 @@ def test_tta_rotated_views_fill_black():
     assert torch.allclose(corner, dataloader.normalize(torch.zeros(1, 3, 1, 1))[0, :, 0, 0], atol=1e-5)
 
 
-def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main):
+def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main, monkeypatch):
+    """The EMA's weights are saved beside the trained ones, and --evaluate judges them: the model it builds holds
+    the EMA's weights, and its report's probabilities are the EMA model's."""
     tmp, run = ema_run
     ck = torch.load(run / "best.pth", weights_only=True)
     ema, raw = ck["ema_state_dict"], ck["state_dict"]
     assert ema is not None and not torch.equal(ema["features.0.weight"], raw["features.0.weight"])
     assert checkpoint.eval_state(ck) is ema
+    built = []
+    real = evaluate.model_for_eval
+    monkeypatch.setattr(evaluate, "model_for_eval", lambda *a: built.append(real(*a)) or built[-1])
     rc, out, _ = run_main(["--evaluate", run / "best.pth", "--data-dir", tiny_data, "--out-dir", tmp / "e",
                            "--cache-dir", tmp / "cache"])
     assert rc == 0 and f"{100 * ck['best_acc']:.2f}%" in out  # the best metric was measured on the EMA
+    judged = built[0].state_dict()
+    assert torch.equal(judged["features.0.weight"], ema["features.0.weight"])
+    assert all(torch.equal(judged[k], v) for k, v in ema.items())
 
 
 def test_class_weights_auto_and_listed():
@@ -78,25 +86,51 @@ def test_focal_loss():
     assert torch.allclose(f2(logits, soft), f2(logits, y))
 
 
-def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main):
+def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main, monkeypatch):
     mix = optim.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
     x, y = torch.randn(8, 3, 100, 100), torch.arange(8) % 5
     xm, ym = mix(x, y)
     assert xm.shape == x.shape and ym.shape == (8, 5) and torch.allclose(ym.sum(1), torch.ones(8))
     assert optim.make_mix(recipes.DEFAULTS) is None
-    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "1",
-                                    "--focal-gamma", "2", "--class-weights", "auto"))
+    seen = []
+    real = optim.make_loss
+
+    def make_loss(cfg, weights=None):  # records the targets the run's loss gets, and its class weights
+        loss = real(cfg, weights)
+        return lambda out, target: seen.append((target.dim(), weights is not None)) or loss(out, target)
+    monkeypatch.setattr(optim, "make_loss", make_loss)
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "2",
+                                    "--focal-gamma", "2", "--class-weights", "auto", "--amp", "bf16",
+                                    "--channels-last"))
     assert rc == 0, err
+    assert [dim for dim, _ in seen] == [2] * 4  # soft targets, every step of the 2 epochs
+    assert [w for _, w in seen] == [False, False, True, True]  # weighted after the first validation
 
 
 def test_soft_vote_of_checkpoints(ema_run, tiny_data, run_main):
+    """A vote is the mean of its members' probabilities: of a model with itself, that model's; of two models,
+    halfway between theirs (the second model: the first with its classifier's bias changed)."""
     tmp, run = ema_run
     flags = ["--data-dir", tiny_data, "--out-dir", tmp / "v", "--cache-dir", tmp / "cache", "--quiet"]
-    rc, _, _ = run_main(["--evaluate", run / "best.pth", *flags])
+    rc, _, err = run_main(["--evaluate", run / "best.pth", *flags])
+    assert rc == 0, err
     single = json.load(open(next((tmp / "v").glob("evaluate-three-*")) / "report.json"))
     rc, out, _ = run_main(["--evaluate", "vote", "--ensemble-of", run / "best.pth", run / "best.pth", *flags])
     vote = json.load(open(next((tmp / "v").glob("evaluate-vote-*")) / "report.json"))
     assert rc == 0 and vote["confusion_matrix"] == single["confusion_matrix"] and len(vote["checkpoints"]) == 2
+    other = tmp / "other.pth"
+    ck = torch.load(run / "best.pth", weights_only=True)
+    bias = [k for k in ck["ema_state_dict"] if k.endswith("bias")][-1]  # the classifier's
+    ck["ema_state_dict"][bias] = ck["ema_state_dict"][bias] + torch.arange(5.0)
+    checkpoint.save(ck, str(other))
+    cfg = {**recipes.DEFAULTS, "data_dir": tiny_data, "cache_dir": str(tmp / "cache"), "quiet": True}
+    va = dataloader.loaders_for(cfg, torch.device("cpu"), ["validation"], sharded=False)["validation"]
+    probs = {name: evaluate.vote_probs(cfg, paths, va, torch.device("cpu"), None)[0]
+             for name, paths in (("a", [run / "best.pth"]), ("b", [other]), ("aa", [run / "best.pth"] * 2),
+                                 ("ab", [run / "best.pth", other]))}
+    assert torch.allclose(probs["aa"], probs["a"]) and torch.allclose(probs["aa"].sum(1), torch.ones(len(va.ids)))
+    assert not torch.allclose(probs["a"], probs["b"], atol=1e-3)
+    assert torch.allclose(probs["ab"], (probs["a"] + probs["b"]) / 2)
     rc, out, _ = run_main(["--predict", "vote", "--ensemble-of", run / "best.pth", run / "last.pth", *flags])
     assert rc == 0 and (next((tmp / "v").glob("predict-vote-*")) / "submission.csv").is_file()
     rc, _, err = run_main(["--evaluate", "vote", *flags])
