@@ -153,7 +153,6 @@ def _size_epochs(run, started):
             x, y, _ = next(batches)
         trainstep.step(trial, x, y)
         runtime.sync(device)
-        return len(x)
     step_s = seconds_each(train_step, 8)
     views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4  # at the end (and each epoch unless last)
     ex, _, _ = next(run.val_batches.batches(run.val_batches.plan()))
