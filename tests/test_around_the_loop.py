@@ -128,7 +128,8 @@ def test_compare_lists_finished_runs(run, run_main):
 def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_main):
     """DDP with gloo on the CPU: each process trains on half of every batch, gradients are averaged, so
     the run follows the single-process one; BatchNorm sees half batches and dropout draws differ, so
-    the match is approximate: train loss within 15% and the same epoch count."""
+    the match is approximate: train loss within 15% and the same epoch count (that the gradients are averaged
+    is the next test's)."""
     args = [str(a) for a in base_args(tiny_data, tmp_path, "--epochs", "2", "--amp", "off", "--device", "cpu")]
     rc, _, err = run_main([*args, "--run-name", "one"])
     assert rc == 0, err
@@ -147,6 +148,47 @@ def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_mai
     assert rep["n"] == 20  # the final report covers the whole validation set
     sub = (tmp_path / "runs" / "two" / "submission.csv").read_text().splitlines()
     assert len(sub) == 11
+
+
+def _ddp_step(rank, port, out):
+    """One process of two: the step main.py takes under torchrun (trainstep.build_state with DDP), on its half of
+    a batch, written to `out` as the weights it ends with."""
+    import torch
+    import torch.distributed as dist
+    import trainstep
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    cfg = {**recipes.resolve_config(main.parse_args(["--model", "three"]))[0], "lr": 0.1}
+    state = trainstep.build_state(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=True)
+    x, y = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 5
+    trainstep.step(state, x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+    torch.save(model.state_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_each_step_averages_the_processes_gradients(tmp_path):
+    """Two processes, half a batch each, take the step one process takes on the whole batch: the same weights in
+    both (within rounding), which neither would reach on its own half (the model has no BatchNorm or dropout)."""
+    import socket
+    import torch
+    import torch.multiprocessing as mp
+    import trainstep
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_step, args=(port, str(tmp_path / "w")), nprocs=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    cfg = {**recipes.resolve_config(main.parse_args(["--model", "three"]))[0], "lr": 0.1}
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    state = trainstep.build_state(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=False)
+    x, y = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 5
+    trainstep.step(state, x, y)
+    ranks = [torch.load(tmp_path / f"w.{r}", weights_only=True) for r in (0, 1)]
+    for k, v in model.state_dict().items():
+        assert not torch.allclose(v, start[k]), k  # the step moved it
+        assert torch.allclose(ranks[0][k], v, atol=1e-6) and torch.allclose(ranks[1][k], v, atol=1e-6), k
 
 
 def test_a_picture_that_cannot_be_drawn_costs_no_submission(tiny_data, tmp_path, run_main, monkeypatch):
