@@ -102,14 +102,11 @@ def plot_confusion(rep, path):
     plt = _plt()
     cm = np.asarray(rep["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    from sklearn.metrics import ConfusionMatrixDisplay
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, m, title, fmt in [(axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised (recall)", "{:.2f}")]:
-        ax.imshow(m, cmap="Blues")
-        for a in range(m.shape[0]):
-            for p in range(m.shape[1]):
-                ax.text(p, a, fmt.format(m[a, p]), ha="center", va="center",
-                        color="white" if m[a, p] > m.max() / 2 else "black", fontsize=9)
-        ax.set(title=title, xlabel="predicted", ylabel="actual", xticks=range(len(CLASSES)), yticks=range(len(CLASSES)))
+    for ax, m, title, fmt in [(axes[0], cm, "counts", ".0f"), (axes[1], norm, "row-normalised (recall)", ".2f")]:
+        ConfusionMatrixDisplay(m, display_labels=CLASSES).plot(ax=ax, cmap="Blues", values_format=fmt, colorbar=False)
+        ax.set(title=title, xlabel="predicted", ylabel="actual")
     fig.suptitle(f"Validation accuracy {rep['accuracy'] * 100:.2f}%")
     _save_fig(fig, path)
 
