@@ -90,10 +90,10 @@ def run_steps(state, loader, gen):
         yield len(x)
 
 
-def run_state(name, model, device, amp, steps_per_epoch, compile=False, preset=None):
-    """The training state main.py builds for --model name (its recipe, or `preset`'s), channels_last."""
-    cfg = recipes.resolve_config(main.parse_args(["--model", name] + (["--preset", preset] if preset else [])))[0]
-    return trainstep.build_state(cfg, model, device, amp, True, steps_per_epoch, compile=compile, ddp=False)
+def run_state(name, model, device, amp, steps_per_epoch, compile=False, channels_last=True):
+    """The training state main.py builds for --model name with its own recipe (channels_last unless told)."""
+    cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
+    return trainstep.build_state(cfg, model, device, amp, channels_last, steps_per_epoch, compile=compile, ddp=False)
 
 
 def infer_steps(model, loader, amp, channels_last, device):
@@ -217,9 +217,9 @@ def muon_share(device, rounds=3):
     out = {}
     for amp in ("bf16", "off"):
         for cl in (False, True):
-            state = trainstep.build_state(cfg, models.build_model(name).to(device), device, runtime.DTYPES[amp], cl, 100,
-                                          compile=False, ddp=False)
-            out[f"step {runtime.PRECISION_NAMES[amp]} {'channels_last' if cl else 'NCHW'}"] = min(
+            state = run_state(name, models.build_model(name).to(device), device, runtime.DTYPES[amp], 100,
+                              channels_last=cl)
+            out[f"step {budget.describe(amp, cl)}"] = min(
                 budget.timed_step(state, x, y) for _ in range(rounds + 1))
     matrices = [optim.as_matrix(p.detach(), False) for p in models.build_model(name).to(device).parameters()
                 if p.ndim == 4]

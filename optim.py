@@ -115,7 +115,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state):
         muon = state["muon"]
-        if state.get("columns") == "nchw":  # older checkpoints: in the layout they were saved in, the run's own
+        if state.get("columns") == "nchw":  # else an older checkpoint's: in the layout it was saved in, the run's own
             muon = {**muon, "state": {i: {**s, "momentum_buffer": self._columns(i, s["momentum_buffer"], to_nchw=False)}
                                       for i, s in muon["state"].items()}}
         self.muon.load_state_dict(muon)
