@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
-import runtime
+from engine import runtime
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the report normalises
 STD = (0.229, 0.224, 0.225)
@@ -268,13 +268,13 @@ def make_batches(data_dir, split, batch_size, train, device, loader="tensors", c
 # Evaluation batch on a GPU: large batches keep it busy, but SkipConCNN holds 128 and 256 channels at 100x100,
 # so at 256 images its evaluation needs ~3.1 GiB of tensors in fp16 (data and training state included):
 # more than a GTX 1650's 4 GiB leaves after the CUDA context. 64 keeps every model under ~1.3 GiB
-# (python bench.py --memory; docs/performance.md).
+# (python -m tools.bench --memory; docs/performance.md).
 EVAL_BATCH_GPU = {"three": 256, "skip": 64, "ensemble": 64}
 
 
 def eval_batch_size(cfg, device):
     """--eval-batch-size, else EVAL_BATCH_GPU on a GPU and 16 on a CPU (measured fastest there: activations
-    stay in cache; bench.py, docs/performance.md)."""
+    stay in cache; tools/bench.py, docs/performance.md)."""
     if cfg["eval_batch_size"]:
         return cfg["eval_batch_size"]
     if torch.device(device).type != "cuda":

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-import demo_data
-import locks
-from errors import UserError  # noqa: F401 (raised here, and imported from here by others)
-from recipes import DEMO_DIR, NUM_CLASSES
+from engine import demo_data
+from engine import locks
+from engine.errors import UserError  # noqa: F401 (raised here, and imported from here by others)
+from engine.recipes import DEMO_DIR, NUM_CLASSES
 
 IMAGE_SIZE = 100
 SPLITS = ("train", "validation", "test")

@@ -23,8 +23,8 @@ import os
 import signal
 import sys
 
-from errors import DISK_ERRORS, UserError, note_interrupts, raise_lost_interrupt
-from recipes import DEMO_DIR, DEMO_EPOCHS, PRESETS, RECIPES, resolve_config
+from engine.errors import DISK_ERRORS, UserError, note_interrupts, raise_lost_interrupt
+from engine.recipes import DEMO_DIR, DEMO_EPOCHS, PRESETS, RECIPES, resolve_config
 
 # ==============================================================================================
 # Command line
@@ -149,7 +149,7 @@ def run_command(args, cfg, given):
         return 0
     if args.compare is not None:
         import glob
-        import report
+        from engine import report
         missing = [f for f in args.compare if not os.path.isdir(f)]
         if missing:
             raise UserError(f"--compare: {missing[0]} is not a folder: pass run folders (such as "
@@ -158,11 +158,11 @@ def run_command(args, cfg, given):
         text, rows = report.compare_runs(folders)
         print(text if rows else f"no finished runs in {', '.join(folders) or cfg['out_dir']}")
         return 0
-    import checkpoint
-    import demo_data
-    import evaluate
-    import runs
-    import runtime
+    from engine import checkpoint
+    from engine import demo_data
+    from engine import evaluate
+    from engine import runs
+    from engine import runtime
     device = runtime.setup_distributed(cfg)
     amp = runtime.amp_dtype(cfg, device)
     runtime.seed_everything(cfg["seed"], cfg["deterministic"])
@@ -193,7 +193,7 @@ def run_training(cfg, given, resume):
     if not resume:
         import dataset
         checked = dataset.check_data(cfg["data_dir"])  # read once: the run's loaders are made from it
-    import train
+    from engine import train
     train.Stop.signal = None
     return train.train(cfg, given, resume, checked)
 

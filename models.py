@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from errors import UserError
-from recipes import NUM_CLASSES
+from engine import checkpoint
+from engine.errors import UserError
+from engine.recipes import NUM_CLASSES
 
 # Dropout rates (not in the report; our choice, stated once).
 DROPOUT = {
@@ -196,7 +196,7 @@ class ResCNN(nn.Module):
     | Linear 256->5                                  | 5           | 1,285     |
 
     1,958,821 parameters; 1.73 GFLOP (0.87 GMAC) forward per image, 5.2 GFLOP a training step per image
-    (torch.utils.flop_counter; bench.py prints the same count). Full resolution for a whole residual stage
+    (torch.utils.flop_counter; tools/bench.py prints the same count). Full resolution for a whole residual stage
     (the generators' traces are pixel-level; the report's ThreeCNN pools after its first conv), at 32
     channels rather than the 64 of the best solutions, which alone would cost ~0.74 GMAC a block.
     """

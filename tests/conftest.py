@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import main
+from engine import demo_data, runs
 
-import demo_data  # noqa: E402
-import main  # noqa: E402
-import runs  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A Python started by a test (python -c SCRIPT) imports the project as pytest does: from the root
+WITH_ROOT = {**os.environ, "PYTHONPATH": ROOT}
 
 TINY = {"train": 16, "validation": 20, "test": 10}
 

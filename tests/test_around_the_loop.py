@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import main
-import recipes
-import runs
-import runtime
+from engine import recipes
+from engine import runs
+from engine import runtime
 from conftest import ROOT, base_args
 
 
@@ -155,7 +155,7 @@ def _ddp_step(rank, port, out):
     a batch, written to `out` as the weights it ends with."""
     import torch
     import torch.distributed as dist
-    import trainstep
+    from engine import trainstep
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
@@ -173,7 +173,7 @@ def test_under_torchrun_each_step_averages_the_processes_gradients(tmp_path):
     import socket
     import torch
     import torch.multiprocessing as mp
-    import trainstep
+    from engine import trainstep
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,7 +192,7 @@ def test_under_torchrun_each_step_averages_the_processes_gradients(tmp_path):
 
 
 def test_a_picture_that_cannot_be_drawn_costs_no_submission(tiny_data, tmp_path, run_main, monkeypatch):
-    import report
+    from engine import report
 
     def broken(*args):
         raise RuntimeError("no usable backend")

@@ -1,16 +1,16 @@
-"""bench.py: its JSON, the compiled path it times, the memory count without a GPU and the 4 GB card."""
+"""tools/bench.py: its JSON, the compiled path it times, the memory count without a GPU and the 4 GB card."""
 import json
 
 import pytest
 import torch
 
-import bench
-import recipes
+from tools import bench
+from engine import recipes
 
 
 def test_bench_writes_the_documented_json_at_the_batch_size_given_to_both_paths(tiny_data, tmp_path, monkeypatch):
     """...and its fast path trains with main.py's own step (trainstep.step): 1 warm-up step and 8 timed."""
-    import trainstep
+    from engine import trainstep
     calls, real = [], trainstep.step
     monkeypatch.setattr(trainstep, "step", lambda s, x, y: calls.append((len(x), s.channels_last)) or real(s, x, y))
     out = tmp_path / "b.json"

@@ -1,4 +1,4 @@
-"""Beyond the report: ResCNN, the strong recipe, honest selection (--holdout, --select) and sweep.py."""
+"""Beyond the report: ResCNN, the strong recipe, honest selection (--holdout, --select) and tools/sweep.py."""
 import csv
 import json
 import os
@@ -13,12 +13,12 @@ import dataset
 import dataloader
 import main
 import models
-import optim
-import recipes
-import results
-import sweep
+from engine import optim
+from engine import recipes
+from tools import results
+from tools import sweep
 from dataset import UserError
-from conftest import base_args
+from conftest import ROOT, base_args
 
 
 # ---------------------------------------------------------------------------------------------- ResCNN
@@ -147,7 +147,7 @@ def test_select_last_keeps_the_final_weights(tiny_data, tmp_path, run_main):
     assert all(torch.equal(best["ema_state_dict"][k], last["ema_state_dict"][k]) for k in last["ema_state_dict"])
 
 
-# ---------------------------------------------------------------------------------------------- sweep.py
+# ---------------------------------------------------------------------------------------------- tools/sweep.py
 
 def quick_flags(data, tmp_path):
     return ["--model", "three", "--data-dir", str(data), "--batch-size", "8", "--ckpt-dir", str(tmp_path / "ckpt"),
@@ -204,12 +204,12 @@ def test_sweep_budget_stops_runs_resumably(tiny_data, tmp_path, capsys, monkeypa
 
 def test_the_campaign_files_are_commands_main_py_accepts(tmp_path):
     for name in ("campaign.txt", "campaign-ensemble.txt"):
-        commands = sweep.read_commands(os.path.join(os.path.dirname(sweep.__file__), "experiments", name), "dataset")
+        commands = sweep.read_commands(os.path.join(ROOT, "experiments", name), "dataset")
         assert commands and all("DATA" not in c for c in commands)
         for flags in commands:
             recipes.resolve_config(main.parse_args(flags))  # every line is a valid main.py command
     with pytest.raises(SystemExit, match="names its data folder DATA"):
-        sweep.read_commands(os.path.join(os.path.dirname(sweep.__file__), "experiments", "campaign.txt"))
+        sweep.read_commands(os.path.join(ROOT, "experiments", "campaign.txt"))
 
 
 def test_a_run_from_before_these_settings_resumes_with_their_defaults(tiny_data, tmp_path, run_main):

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 
 import dataloader
 import dataset
-import demo_data
+from engine import demo_data
 
 
 # ---------------------------------------------------------------------------------------------- transforms

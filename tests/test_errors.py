@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from engine import checkpoint
 import dataset
 import models
 from dataset import UserError
@@ -232,7 +232,7 @@ def test_a_ctrl_c_that_a_library_swallows_while_starting_still_stops_the_run(tin
     """The first optimizer imports Triton (torch._dynamo). A Ctrl-C raised while its C extension initialises is
     made an ImportError by pybind11, which PyTorch takes for "no Triton" and goes on: the run trained to its end
     and exited 0. Now it stops there, exit 130, before a run folder or checkpoint exists."""
-    import optim
+    from engine import optim
     real = optim.make_optimizer
 
     def swallowing_import(*args, **kw):
@@ -326,7 +326,7 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(tiny_data,
 
 
 def test_an_unwritable_report_after_training_is_one_line(tiny_data, tmp_path, run_main, monkeypatch):
-    import report
+    from engine import report
 
     def denied(path, text):
         raise PermissionError(errno.EACCES, "Permission denied", path)

@@ -2,7 +2,7 @@
 a bare --resume continues the latest run whatever its model."""
 import pandas as pd
 
-import runtime
+from engine import runtime
 from conftest import base_args
 
 
@@ -57,7 +57,7 @@ def test_a_run_that_falls_back_to_the_cpu_says_so_once_and_cuda_without_a_gpu_st
 
 
 def test_promotion_compares_validation_accuracy_whatever_chose_each_checkpoint(tiny_data, tmp_path, run_main):
-    import checkpoint
+    from engine import checkpoint
     import torch
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
     run, dest = tmp_path / "runs" / "r", tmp_path / "ckpt" / "three_best.pth"

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from engine import checkpoint
 import dataloader
 import dataset
-import demo_data
-import evaluate
+from engine import demo_data
+from engine import evaluate
 import main
 import models
-import recipes
-import runs
-import runtime
-from conftest import ROOT, base_args
+from engine import recipes
+from engine import runs
+from engine import runtime
+from conftest import ROOT, WITH_ROOT, base_args
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_a_double_ctrl_c_then_a_sigkill_keep_the_last_checkpoint_and_the_run_res
 
 
 def test_ctrl_c_and_sigterm_save_mid_epoch_and_the_run_resumes_exactly(data, reference, tmp_path, run_main):
-    """Ctrl-C early in epoch 2; the resume, in a new process, gets a SIGTERM (what a cluster or sweep.py sends)
+    """Ctrl-C early in epoch 2; the resume, in a new process, gets a SIGTERM (what a cluster or tools/sweep.py sends)
     early in epoch 3; the last resume has only the saved configuration. Each stop saved the run inside its
     epoch, and the whole equals the run that was never stopped."""
     run = tmp_path / "runs" / "r"
@@ -286,9 +286,8 @@ def test_resume_refuses_another_model_or_other_settings(reference, run_main):
 # ---------------------------------------------------------------------------------------------- files
 
 SAVER = """
-import sys, torch
-sys.path.insert(0, {root!r})
-import checkpoint
+import torch
+from engine import checkpoint
 i = 0
 while True:
     i += 1
@@ -301,8 +300,8 @@ while True:
 def test_a_kill_during_saves_leaves_the_old_or_the_new_file(tmp_path):
     def kill_one_writer(k):  # five writers at once, each killed at another point of the writes after its first
         path = str(tmp_path / f"c{k}.pth")
-        p = subprocess.Popen([sys.executable, "-c", SAVER.format(root=ROOT, path=path)], stdout=subprocess.PIPE,
-                             text=True)
+        p = subprocess.Popen([sys.executable, "-c", SAVER.format(path=path)], stdout=subprocess.PIPE,
+                             text=True, env=WITH_ROOT)
         assert p.stdout.readline().strip() == "saved"
         time.sleep(0.05 + 0.06 * k)
         p.kill()
@@ -330,7 +329,7 @@ def test_temporaries_left_by_a_killed_writer_are_cleaned_up_by_the_next_save(tmp
 
 
 def test_reports_and_submissions_are_written_atomically(tmp_path, monkeypatch):
-    import report
+    from engine import report
     target = tmp_path / "submission.csv"
     report.write_submission(str(target), ["a", "b"], [1, 2])
     good = target.read_text()
@@ -411,7 +410,7 @@ def test_unwritable_output_folder_is_reported_before_training(tiny_data, tmp_pat
 
 
 def test_runs_checking_a_shared_folder_at_the_same_time_do_not_fail_each_other(tmp_path):
-    """sweep.py's runs share --ckpt-dir: each one's write check must not remove the other's probe (a shared
+    """tools/sweep.py's runs share --ckpt-dir: each one's write check must not remove the other's probe (a shared
     probe name made ~1 in 10 checks fail as 'cannot write' with two threads checking at once)."""
     import threading
     failures = []

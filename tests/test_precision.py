@@ -13,14 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import budget
+from engine import budget
 import dataloader
-import demo_data
+from engine import demo_data
 import main
-import optim
-import recipes
-import runtime
-import trainstep
+from engine import optim
+from engine import recipes
+from engine import runtime
+from engine import trainstep
 from conftest import base_args
 
 CPU = torch.device("cpu")
@@ -313,7 +313,7 @@ def test_a_gpu_fp16_run_resumed_on_a_cpu_goes_on_in_the_cpus_own_precision(one_s
 
 
 def test_a_precision_the_gpu_cannot_run_is_one_line(monkeypatch):
-    from errors import UserError
+    from engine.errors import UserError
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Old GPU")
     with pytest.raises(UserError, match="--amp bf16: Old GPU cannot compute in bf16: use --amp auto"):
@@ -362,7 +362,7 @@ def test_native_bf16_on_a_cpu_is_what_the_library_says_not_proc_cpuinfo():
     import sys
     from conftest import ROOT
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run([sys.executable, "-c", "import runtime, torch; print(runtime.cpu_has_bf16(), "
+    out = subprocess.run([sys.executable, "-c", "import torch; from engine import runtime; print(runtime.cpu_has_bf16(), "
                           "runtime.native_precisions(torch.device('cpu')))"], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert out.stdout.split() == ["False", "['off']"], out.stderr

@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
+from engine import checkpoint
 import dataloader
-import evaluate
+from engine import evaluate
 import main
 import models
-import optim
-import recipes
+from engine import optim
+from engine import recipes
 from dataset import UserError
 from conftest import base_args
 

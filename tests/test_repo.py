@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import main
-import results
+from tools import results
 from conftest import ROOT
 
 

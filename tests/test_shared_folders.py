@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import runs
-from conftest import ROOT, base_args
+from engine import checkpoint
+from engine import runs
+from conftest import ROOT, WITH_ROOT, base_args
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def variant(best, folder, val_acc):
 
 
 PROMOTE_SLOWLY = """
-import sys, time
-sys.path.insert(0, {root!r})
-import torch, runs
+import time
+import torch
+from engine import runs
 real = torch.load
 def slow_load(*a, **k):  # every run reads the earlier best at the same moment: their ends coincide
     time.sleep(0.4)
@@ -53,8 +53,8 @@ def test_runs_promoting_at_once_leave_the_best_of_them_and_every_earlier_best_as
     accs = [0.3, 0.9, 0.5, 0.7, 0.6]
     start = time.time() + 6  # once every process has imported PyTorch
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTE_SLOWLY.format(
-        root=ROOT, start=start, path=str(variant(best, tmp_path, a)), ckpt=str(ckpt))], stdout=subprocess.PIPE,
-        text=True) for a in accs]
+        start=start, path=str(variant(best, tmp_path, a)), ckpt=str(ckpt))], stdout=subprocess.PIPE,
+        text=True, env=WITH_ROOT) for a in accs]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     dest = torch.load(ckpt / "three_best.pth", weights_only=True)
@@ -105,9 +105,9 @@ def test_a_promotion_stopped_by_a_read_only_folder_is_completed_on_resume(tiny_d
 
 
 CHECK_DEMO = """
-import sys, time
-sys.path.insert(0, {root!r})
-import dataset, demo_data
+import time
+import dataset
+from engine import demo_data
 demo_data.SPLIT_SIZES = {{"train": 40, "validation": 10, "test": 10}}
 while time.time() < {start}:
     time.sleep(0.01)
@@ -119,8 +119,8 @@ print(rows["train"][0])
 def test_two_demo_runs_started_together_on_a_fresh_folder_both_get_the_whole_set(tmp_path):
     import time
     start = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", CHECK_DEMO.format(root=ROOT, start=start)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK_DEMO.format(start=start)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=WITH_ROOT) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert [o.strip().splitlines()[-1] for o, _ in outs] == ["40"] * 3
@@ -167,7 +167,7 @@ def test_runs_decoding_one_split_at_once_decode_it_once(tiny_data, tmp_path, mon
 
 
 def test_a_second_process_training_the_same_run_folder_is_refused_in_one_line(tiny_data, tmp_path, run_main):
-    import locks
+    from engine import locks
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 0
     run = tmp_path / "runs" / "r"
     other = locks.acquire(str(run / ".lock"))  # another process at work on it (a lock is per open file)
@@ -194,8 +194,8 @@ def test_sigterm_to_a_sweep_stops_its_runs_resumably_and_still_writes_its_table(
     out = tmp_path / "sweep"
     flags = ["--model", "three", "--data-dir", str(tiny_data), "--batch-size", "8", "--epochs", "500",
              "--early-stop", "500", "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache")]
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), "--seeds", "0", "--out-dir", str(out), "--",
-                          *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "tools.sweep", "--seeds", "0", "--out-dir", str(out), "--",
+                          *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "01-three-s0" / "log.csv"
     deadline = time.time() + 120
     while not (log.exists() and len(log.read_text().splitlines()) > 1):
@@ -211,7 +211,7 @@ def test_sigterm_to_a_sweep_stops_its_runs_resumably_and_still_writes_its_table(
 
 
 def test_a_sweep_reports_a_nan_runs_own_cause(tiny_data, tmp_path, capsys):
-    import sweep
+    from tools import sweep
     flags = ["--model", "three", "--data-dir", str(tiny_data), "--batch-size", "8", "--epochs", "1", "--lr", "1e20",
              "--amp", "off", "--ckpt-dir", str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache")]
     assert sweep.main(["--seeds", "0", "--out-dir", str(tmp_path / "sweep"), "--", *flags]) == 1

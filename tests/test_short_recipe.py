@@ -4,6 +4,7 @@ and runs sized to a time budget (--minutes)."""
 import csv
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -12,16 +13,15 @@ import types
 import pytest
 import torch
 
-import budget
+from engine import budget
 import dataloader
 import main
-import optim
-import recipes
-import train
+from engine import optim
+from engine import recipes
+from engine import train
 from conftest import ROOT, base_args
 
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import judge_holdout  # noqa: E402
+from tools import judge_holdout
 
 
 def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
@@ -152,14 +152,17 @@ def test_minutes_picks_the_epochs_once_and_trains_as_that_many_epochs_would(tiny
     del sized[sized.index("--epochs"):sized.index("--epochs") + 2]
     rc, out, err = run_main(sized)
     assert rc == 0, err
-    assert calls == [8, 4] and "--minutes 2: an epoch takes ~20 s here (2 steps" in out and ": 4 epochs" in out
+    # (120 s x 0.92 - 20 s for the end - the seconds set up took) / 20 s an epoch: 4 epochs, 3 on a busy machine
+    fitted = re.search(r"--minutes 2: an epoch takes ~20 s here \(2 steps.*: (\d) epochs", out)
+    assert calls == [8, 4] and fitted and int(fitted[1]) in (3, 4), out
+    n = int(fitted[1])
     run = tmp_path / "a" / "runs" / "r"
-    assert json.load(open(run / "config.json"))["epochs"] == 4 and len(open(run / "log.csv").readlines()) == 5
-    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "4", *flags))[0] == 0
+    assert json.load(open(run / "config.json"))["epochs"] == n and len(open(run / "log.csv").readlines()) == n + 1
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", str(n), *flags))[0] == 0
     a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     rc, out, _ = run_main(["--resume", run])
-    assert rc == 0 and "already finished (epoch 4 of --epochs 4" in out
+    assert rc == 0 and f"already finished (epoch {n} of --epochs {n}" in out
     rc, _, err = run_main(base_args(tiny_data, tmp_path / "c", "--minutes", "2", "--epochs", "3"))
     assert rc == 2 and "give --minutes or --epochs, not both" in err
 
@@ -181,7 +184,7 @@ def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_ove
 
 def test_a_short_run_judges_each_epoch_without_tta_and_its_end_with_the_flip(tiny_data, tmp_path, run_main,
                                                                              monkeypatch):
-    import evaluate
+    from engine import evaluate
     seen = []
     real = evaluate.predict_probs
     monkeypatch.setattr(evaluate, "predict_probs", lambda *a, **k: (seen.append((a[5], a[2]["tta_views"])),

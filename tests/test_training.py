@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoint
-import evaluate
+from engine import checkpoint
+from engine import evaluate
 import main
 import models
-import optim
-import recipes
-import runs
-import runtime
+from engine import optim
+from engine import recipes
+from engine import runs
+from engine import runtime
 from conftest import base_args
 
 
@@ -154,7 +154,7 @@ def test_summary_needs_no_data(run_main):
 
 def test_ensemble_trains_on_frozen_bases(trained, tmp_path, run_main):
     """(A very small data set: every image goes through SkipConCNN, ~27 GFLOP each, slow on a CPU.)"""
-    import demo_data
+    from engine import demo_data
     data = demo_data.build(str(tmp_path / "data"), {"train": 4, "validation": 5, "test": 2}, seed=4)
     tmp, run = trained
     skip = tmp_path / "skip.pth"

@@ -1,13 +1,13 @@
 """The measured results: docs/results.csv (one row per run) rendered as the tables users read.
 
-    python results.py            rewrite docs/results.md, the summary table in README.md and the picture of
+    python -m tools.results            rewrite docs/results.md, the summary table in README.md and the picture of
                                  accuracy against minutes (docs/time_to_accuracy.png) from the CSV
-    python results.py --check    exit 1 when the tables are out of step with the CSV (the tests run this)
+    python -m tools.results --check    exit 1 when the tables are out of step with the CSV (the tests run this)
 
 A row: date, machine, model, recipe, command, seed, epochs, minutes, val_acc (%), holdout_acc (% on the
 training rows the run held out with --holdout; empty without), class4_recall (on validation), selected_on_val (yes: the reported checkpoint was chosen by validation accuracy, as the report's recipe
 does; no: a fixed schedule's final or EMA weights, or a choice made on images held out of train).
-sweep.py --record appends rows here.
+tools/sweep.py --record appends rows here.
 """
 import argparse
 import csv
@@ -16,7 +16,7 @@ import re
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSV = os.path.join(ROOT, "docs", "results.csv")
 MD = os.path.join(ROOT, "docs", "results.md")
 README = os.path.join(ROOT, "README.md")
@@ -24,7 +24,7 @@ CURVE = os.path.join(ROOT, "docs", "time_to_accuracy.png")
 CURVE_MACHINE = "CPU, 2 cores, AVX512-BF16"  # where every point of the curve was measured
 FIELDS = ["date", "machine", "model", "recipe", "command", "seed", "epochs", "minutes", "val_acc", "holdout_acc",
           "class4_recall", "selected_on_val"]
-BEGIN, END = "<!-- results summary: made by results.py from docs/results.csv -->", "<!-- end of results summary -->"
+BEGIN, END = "<!-- results summary: made by tools/results.py from docs/results.csv -->", "<!-- end of results summary -->"
 MODEL_NAMES = {"three": "ThreeCNN", "skip": "SkipConCNN", "ensemble": "EnsembleCNN", "res": "ResCNN"}
 
 
@@ -103,7 +103,7 @@ def screening_table(rows):
 
 def results_md(rows):
     lines = ["# Results", "", "Every run measured, one row of `docs/results.csv` each (this file is made from it by",
-             "`python results.py`). `<real data>` is the competition data in the Kaggle layout. Accuracy is on the",
+             "`python -m tools.results`). `<real data>` is the competition data in the Kaggle layout. Accuracy is on the",
              "1,250 validation images (the demo sets: 200 in the old, 100 in the current); `chosen on val`: yes when the",
              "reported checkpoint was chosen by that same validation accuracy (the report's recipe does so), no for a fixed schedule's",
              "final or EMA weights or a choice on images held out of train. Held-out accuracy: on the rows of train.csv a",
@@ -198,7 +198,7 @@ def main(argv=None):
     stale = [path for path, text in want.items() if not os.path.exists(path) or open(path).read() != text]
     if a.check:
         for path in stale:
-            print(f"{os.path.relpath(path, ROOT)} is out of step with docs/results.csv: run python results.py")
+            print(f"{os.path.relpath(path, ROOT)} is out of step with docs/results.csv: run python -m tools.results")
         return 1 if stale else 0
     for path in stale:
         with open(path, "w") as f:

@@ -15,14 +15,14 @@ import tempfile
 
 import torch
 
-import checkpoint
-import locks
+from engine import checkpoint
+from engine import locks
 import models
-import optim
-import runtime
-from errors import DISK_ERRORS, UserError
-from recipes import DEFAULTS, NUM_CLASSES, RESUME_MAY_CHANGE
-from runtime import log
+from engine import optim
+from engine import runtime
+from engine.errors import DISK_ERRORS, UserError
+from engine.recipes import DEFAULTS, NUM_CLASSES, RESUME_MAY_CHANGE
+from engine.runtime import log
 
 PROMOTED = "promotion.txt"  # in a run folder once its best was compared with CKPT_DIR's (what happened, one line)
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
@@ -88,7 +88,7 @@ def check_output(cfg, run_dir, model):
     for d in (run_dir, cfg["ckpt_dir"]):
         try:
             os.makedirs(d, exist_ok=True)
-            # A probe file of its own name: runs sharing a folder (sweep.py, models_pth/) check it at the same time,
+            # A probe file of its own name: runs sharing a folder (tools/sweep.py, models_pth/) check it at the same time,
             # and one removing a shared name under another made that one fail as if the folder were unwritable.
             with tempfile.NamedTemporaryFile("w", dir=d, prefix=".write-test-") as f:
                 f.write("ok")

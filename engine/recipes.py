@@ -6,7 +6,7 @@ and checks a run's settings in a fraction of a second.
 import math
 import os
 
-from errors import UserError
+from engine.errors import UserError
 
 # ==============================================================================================
 # The report's table
@@ -69,7 +69,7 @@ PRESETS = {
 }
 # The models a preset is offered for (not listed: every model). No run has shown that SkipConCNN or the
 # ensemble keep their accuracy at a larger batch, and SkipConCNN at batch 64 or 256 would not fit a 4 GB card
-# (bench.py --memory).
+# (tools/bench.py --memory).
 PRESET_MODELS = {"fast": ("three",), "short": ("res", "three"), "strong": ("res", "three")}
 # The preset a model trains with when --preset is not given (the report's models: the report's recipe).
 MODEL_PRESET = {"res": "short"}

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-import locks
+from engine import locks
 
 SIZE = 100
 SPLIT_SIZES = {"train": 300, "validation": 100, "test": 50}  # per split, balanced over 5 classes

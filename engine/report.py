@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from checkpoint import atomic_write_bytes, atomic_write_text
-from recipes import NUM_CLASSES
+from engine.checkpoint import atomic_write_bytes, atomic_write_text
+from engine.recipes import NUM_CLASSES
 
 CLASSES = [str(k) for k in range(NUM_CLASSES)]
 

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from engine.errors import UserError
 
 RANK, WORLD = 0, 1
 

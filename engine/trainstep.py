@@ -1,6 +1,6 @@
 """One training step and what it works on: the model in its memory layout and precision, the optimizer, the
 schedule, the GradScaler, the EMA, the loss and batch mixing. build_state makes them the same way for the run
-(train.py), for the timings before it (budget.py: --amp auto, --channels-last auto, --minutes) and for bench.py,
+(train.py), for the timings before it (budget.py: --amp auto, --channels-last auto, --minutes) and for tools/bench.py,
 so the step exists once.
 
     state = build_state(cfg, model, device, amp, channels_last, steps_per_epoch)
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-import optim
-import runtime
+from engine import optim
+from engine import runtime
 
 
 def build_state(cfg, raw, device, amp, channels_last, steps_per_epoch, recall=None, compile=None, ddp=None):

@@ -1,13 +1,13 @@
 """Benchmark: the report's per-image path against the fast path, in one process, alternating the two.
 
-    python bench.py                      demo data, every model (builds demo_data/ if absent)
-    python bench.py --data-dir dataset   the real data
-    python bench.py --quick              a short check (< 60 s on 2 CPU cores: ThreeCNN; on a GPU also SkipConCNN)
-    python bench.py --json out.json      also write the figures as JSON
-    python bench.py --memory             only the GPU memory each preset and model needs (seconds, no GPU)
-    python bench.py --muon               --model res's training step in bf16 and fp32, and Muon's Newton-Schulz
+    python -m tools.bench                      demo data, every model (builds demo_data/ if absent)
+    python -m tools.bench --data-dir dataset   the real data
+    python -m tools.bench --quick              a short check (< 60 s on 2 CPU cores: ThreeCNN; on a GPU also SkipConCNN)
+    python -m tools.bench --json out.json      also write the figures as JSON
+    python -m tools.bench --memory             only the GPU memory each preset and model needs (seconds, no GPU)
+    python -m tools.bench --muon               --model res's training step in bf16 and fp32, and Muon's Newton-Schulz
                                          part of it in bf16 (as torch.optim.Muon runs it) and in fp32 (~1 min)
-    python bench.py --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
+    python -m tools.bench --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
           fp32, NCHW, PyTorch's default Adam, the report's batch size (as the report's code does).
@@ -33,16 +33,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-import budget
+from engine import budget
 import dataloader
-import demo_data
-import evaluate
+from engine import demo_data
+from engine import evaluate
 import main
 import models
-import optim
-import recipes
-import runtime
-import trainstep
+from engine import optim
+from engine import recipes
+from engine import runtime
+from engine import trainstep
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim.swa_utils
 
-import runtime
-from recipes import NUM_CLASSES, fixed_class_weights
+from engine import runtime
+from engine.recipes import NUM_CLASSES, fixed_class_weights
 
 
 def make_loss(cfg, weights=None):
@@ -46,7 +46,7 @@ def class_weights(cfg, device, recall=None):
 def make_optimizer(params, lr, weight_decay=0.0, kind="adam"):
     """Adam (the report's: weight decay added to the gradient, as L2) or AdamW (weight decay applied to the
     weights apart from the gradient's scaling), fused: one kernel updates every parameter. The default (a
-    loop over the parameters on a CPU) takes several times as long there (bench.py measures both); on a GPU
+    loop over the parameters on a CPU) takes several times as long there (tools/bench.py measures both); on a GPU
     fused is the library's fastest too, and works with the GradScaler. muon: MuonAdamW (below)."""
     params = [p for p in params if p.requires_grad]
     if kind == "muon":
@@ -140,7 +140,7 @@ def newton_schulz(g, abc, steps, eps, dtype):
 
 class MuonFP32(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iterations in fp32 instead of bf16, on devices that only emulate
-    bf16 (a CPU without AVX512-BF16 or AMX; a GTX 1650). Why: measured with `python bench.py --muon` on a 2-core
+    bf16 (a CPU without AVX512-BF16 or AMX; a GTX 1650). Why: measured with `python -m tools.bench --muon` on a 2-core
     CPU limited to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2026-12-03), ResCNN's iterations took
     2,228 ms a step in emulated bf16 against 37 ms in fp32, within a 4.5 s fp32 training step: half of it. On a
     bf16 CPU they take 17 ms of a 0.69 s step, and the library's own step runs there. The library offers no

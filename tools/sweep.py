@@ -1,15 +1,15 @@
 """Several trainings at once on one machine: seeds and recipe variants as concurrent main.py processes (a
 run folder each), then one table grouped by recipe.
 
-    python sweep.py --seeds 0 1 2 --jobs 3 -- --model three --data-dir dataset
-    python sweep.py --file experiments/campaign.txt --data-dir dataset --jobs 6 --budget-min 9 --record
+    python -m tools.sweep --seeds 0 1 2 --jobs 3 -- --model three --data-dir dataset
+    python -m tools.sweep --file experiments/campaign.txt --data-dir dataset --jobs 6 --budget-min 9 --record
 
 --file: one main.py command line per line ('python main.py' may stand before the flags; '#' starts a
 comment). --seeds runs each command once per seed (a command with its own --seed runs once). --budget-min:
 when the time is up, every run still going gets SIGTERM, saves a last.pth that `main.py --resume`
 continues, and is reported as stopped; runs not started yet are reported as not started. Ctrl-C, SIGTERM and
 SIGHUP do the same. A run that fails is reported with its one-line error; the others go on. --record appends a row per
-run that has a result to docs/results.csv (python results.py then remakes the tables).
+run that has a result to docs/results.csv (python -m tools.results then remakes the tables).
 """
 import argparse
 import datetime
@@ -21,10 +21,10 @@ import subprocess
 import sys
 import time
 
-import report
-import results
+from engine import report
+from tools import results
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
 GRACE_S = 120  # after SIGTERM, how long a run may take to save its checkpoint before it is killed
 
@@ -41,7 +41,7 @@ def read_commands(path, data_dir=None):
             if words[:2] == ["python", "main.py"]:
                 words = words[2:]
             if "DATA" in words and data_dir is None:
-                raise SystemExit(f"sweep.py: {path} names its data folder DATA: pass --data-dir FOLDER")
+                raise SystemExit(f"tools/sweep.py: {path} names its data folder DATA: pass --data-dir FOLDER")
             if words:
                 commands.append([data_dir if w == "DATA" else w for w in words])
     return commands
@@ -190,7 +190,7 @@ def machine_name(device_name):
     """'NVIDIA H200', or the CPU with its kind: the figures of the two kinds differ several times."""
     if not device_name.startswith("cpu"):
         return device_name
-    import runtime
+    from engine import runtime
     return f"CPU, {os.cpu_count()} cores, {'AVX512-BF16' if runtime.cpu_has_bf16() else 'AVX2 (no bf16)'}"
 
 

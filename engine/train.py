@@ -12,19 +12,19 @@ from types import SimpleNamespace
 
 import torch
 
-import budget
-import checkpoint
+from engine import budget
+from engine import checkpoint
 import dataloader
 import dataset
-import evaluate
+from engine import evaluate
 import models
-import optim
-import report
-import runs
-import runtime
-import trainstep
-from errors import UserError, raise_lost_interrupt
-from runtime import log
+from engine import optim
+from engine import report
+from engine import runs
+from engine import runtime
+from engine import trainstep
+from engine.errors import UserError, raise_lost_interrupt
+from engine.runtime import log
 
 # ==============================================================================================
 # One epoch
@@ -122,7 +122,7 @@ def train_run(cfg, given, resume, checked):
                 log(f"early stop: no better {'held-out' if run.cfg['select'] == 'holdout' else 'validation'} "
                     f"accuracy for {run.bad_epochs} epochs")
                 break
-    except NumericalError as e:  # on stderr, as every error line of a run (sweep.py shows it as the run's cause)
+    except NumericalError as e:  # on stderr, as every error line of a run (tools/sweep.py shows it as the run's cause)
         there = (f"the last good checkpoint is {run.last}" if os.path.exists(run.last) else
                  "no checkpoint was written yet, as it came in the first epoch")
         print(f"error: {e}; stopped: {there}. Try a lower --lr or --amp off, or --detect-anomaly to find the "

@@ -1,7 +1,7 @@
 """Judge runs on the training rows they held out (--holdout), never on validation: the screening's tool for
 the choices made after training, such as the test-time views and soft votes of several runs.
 
-    python experiments/judge_holdout.py RUN/best.pth [RUN2/best.pth ...] [--raw]
+    python -m tools.judge_holdout RUN/best.pth [RUN2/best.pth ...] [--raw]
 
 For each checkpoint, and for their soft vote when there are several, prints the held-out accuracy and
 class-4 recall without TTA and with each of --tta-views' choices. --raw judges the trained weights where a
@@ -14,12 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint  # noqa: E402
-import dataloader  # noqa: E402
-import evaluate  # noqa: E402
-import runtime  # noqa: E402
-from recipes import DEFAULTS  # noqa: E402
+import dataloader
+from engine import checkpoint, evaluate, runtime
+from engine.recipes import DEFAULTS
 
 
 def held_out_probs(path, device, views, raw=False):

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-import runtime
-import trainstep
-from errors import UserError
-from runtime import log
+from engine import runtime
+from engine import trainstep
+from engine.errors import UserError
+from engine.runtime import log
 
 # What the end of a run takes besides predicting (saving, reports, pictures): a few seconds measured on a 2-core
 # CPU; and the share of the budget planned for, so that a machine that slows down a little still ends in time.

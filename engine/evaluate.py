@@ -7,14 +7,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import checkpoint
+from engine import checkpoint
 import dataloader
 import dataset
 import models
-import report
-import runtime
-from recipes import JUDGING, NUM_CLASSES
-from runtime import log
+from engine import report
+from engine import runtime
+from engine.recipes import JUDGING, NUM_CLASSES
+from engine.runtime import log
 
 # ==============================================================================================
 # Probabilities and validation

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from errors import UserError
+from engine.errors import UserError
 
 FORMAT = 1
 
