@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from engine import demo_data
 from engine import locks
 from engine.errors import UserError  # noqa: F401 (raised here, and imported from here by others)
-from engine.recipes import DEMO_DIR, NUM_CLASSES
+from engine.recipes import NUM_CLASSES
 
 IMAGE_SIZE = 100
 SPLITS = ("train", "validation", "test")
@@ -86,11 +85,8 @@ def read_split(data_dir, split):
 
 
 def check_data(data_dir):
-    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training (the demo set is
-    built first when it is the one asked for and is absent or older). Returns {split: SplitFiles}: read once,
-    a run's loaders are made from it."""
-    if os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):  # absent or of an older version: built (once)
-        demo_data.ensure(DEMO_DIR)
+    """Fail in seconds, not after 200 epochs: every CSV and image file is checked before training. Returns
+    {split: SplitFiles}: read once, a run's loaders are made from it."""
     return {split: read_split(data_dir, split) for split in SPLITS}
 
 

@@ -13,13 +13,12 @@
     torchrun --nproc_per_node=2 main.py --model three    the same training on 2 GPUs (or CPU processes)
 
 This file holds the parser, which command runs, and the one place where a user error becomes one line on
-stderr and exit 2. The recipes are in recipes.py, the training loop in train.py, judging and predicting in
-evaluate.py, run folders in runs.py, device and precision in runtime.py. PyTorch is imported only once the
-flags and the data folder have been checked, so a typo costs a second, not the import.
+stderr and exit 2. The engine is the package engine/ (docs/code.md): the recipes in recipes.py, the training
+loop in train.py, the other commands in commands.py. PyTorch is imported only once the flags and the data
+folder have been checked, so a typo costs a second, not the import.
 """
 import argparse
 import gc
-import os
 import signal
 import sys
 
@@ -138,52 +137,9 @@ def parse_args(argv):
 # Which command runs (each imports what it needs: PyTorch only once the flags are known to be good)
 
 def run_command(args, cfg, given):
-    """--summary, --compare, --evaluate, --predict, --analyze."""
-    if args.summary:
-        import dataset
-        import models
-        from torchsummary import summary
-        model = models.build_model(cfg["model"])
-        summary(model, (3, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE), device="cpu")
-        print(f"trainable parameters: {models.count_params(model, True):,}")
-        return 0
-    if args.compare is not None:
-        import glob
-        from engine import report
-        missing = [f for f in args.compare if not os.path.isdir(f)]
-        if missing:
-            raise UserError(f"--compare: {missing[0]} is not a folder: pass run folders (such as "
-                            f"{cfg['out_dir']}/three-...) or none for every run under --out-dir")
-        folders = args.compare or sorted(glob.glob(os.path.join(cfg["out_dir"], "*", "")))
-        text, rows = report.compare_runs(folders)
-        print(text if rows else f"no finished runs in {', '.join(folders) or cfg['out_dir']}")
-        return 0
-    from engine import checkpoint
-    from engine import demo_data
-    from engine import evaluate
-    from engine import runs
-    from engine import runtime
-    device = runtime.setup_distributed(cfg)
-    amp = runtime.amp_dtype(cfg, device)
-    runtime.seed_everything(cfg["seed"], cfg["deterministic"])
-    if cfg["data_dir"] == DEMO_DIR:
-        demo_data.ensure(DEMO_DIR)
-    expect = cfg["model"] if "model" in given else None
-    target = args.evaluate or args.predict or args.analyze
-    paths = args.ensemble_of if target == "vote" else [target]
-    if target == "vote" and not args.ensemble_of:
-        raise UserError("'vote' needs --ensemble-of CKPT CKPT ...")
-    name = "vote" if target == "vote" else checkpoint.load(target, expect)["model"]
-    cfg = {**cfg, "model": name}  # the model evaluated sets the GPU evaluation batch
-    if args.analyze:  # each checkpoint judged as its run judged it, but for the flags given
-        evaluate.analyze(cfg, target, runs.command_dir(cfg, "analyze", name), device, amp, expect, given)
-    elif args.evaluate:
-        evaluate.evaluate_checkpoints(cfg, paths, runs.command_dir(cfg, "evaluate", name), device, amp,
-                                      expect_model=expect, given=given)
-    else:
-        out = runs.command_dir(cfg, "predict", name)
-        evaluate.predict_checkpoints(cfg, paths, os.path.join(out, "submission.csv"), device, amp, expect, given)
-    return 0
+    """--summary, --compare, --evaluate, --predict, --analyze (engine/commands.py)."""
+    from engine import commands
+    return commands.run(args, cfg, given)
 
 
 def run_training(cfg, given, resume):
@@ -192,6 +148,8 @@ def run_training(cfg, given, resume):
     checked = None
     if not resume:
         import dataset
+        from engine import demo_data
+        demo_data.ensure_if_asked(cfg["data_dir"])
         checked = dataset.check_data(cfg["data_dir"])  # read once: the run's loaders are made from it
     from engine import train
     train.Stop.signal = None

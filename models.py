@@ -1,4 +1,5 @@
-"""The models, written to read like their layer tables: the report's three and ours, and how a run builds one.
+"""The models, written to read like their layer tables: the report's three and ours. Nothing here loads a file: a
+run's model, with the ensemble's bases loaded from their checkpoints, is built by engine/train.py.
 
     ThreeCNN     691,781 parameters   three conv blocks + a small MLP head
     SkipConCNN 8,695,045 parameters   two wide convs, one residual block, one conv, MLP head
@@ -6,17 +7,12 @@
                  727 trainable        learned blend of their softmax outputs
     ResCNN     1,958,821 parameters   ours: a residual stage at full resolution, three more, global pooling
 
-The report gives no dropout rates; they are chosen here, in one place (DROPOUT). build_for_run builds a run's
-model, loading the ensemble's frozen bases from their checkpoints.
+The report gives no dropout rates; they are chosen here, in one place (DROPOUT).
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import checkpoint
-from engine.errors import UserError
 from engine.recipes import NUM_CLASSES
 
 # Dropout rates (not in the report; our choice, stated once).
@@ -224,20 +220,3 @@ def build_model(name, num_classes=NUM_CLASSES):
 
 def count_params(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def build_for_run(cfg):
-    """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
-    if cfg["model"] != "ensemble":
-        return build_model(cfg["model"])
-    paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth") for name in ("skip", "three")}
-    missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
-                        f"with 'python main.py --model skip' and '--model three', or pass --skip-ckpt/--three-ckpt")
-    bases = {}
-    for name, path in paths.items():
-        ckpt = checkpoint.load(path, expect_model=name)
-        bases[name] = build_model(name)
-        checkpoint.load_weights(bases[name], {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
-    return EnsembleCNN(bases["skip"], bases["three"])

@@ -1,6 +1,6 @@
 """Timing a run's own training step on this machine before it starts: the precision and memory layout that
 --amp auto and --channels-last auto choose, and the epochs that --minutes N fits. Each timing steps a copy of the
-model built as the run builds it (trainstep.build_state), so the run's weights and random state are untouched;
+model built as the run builds it (state.build), so the run's weights and random state are untouched;
 each choice is saved with the run's settings, so a resume on the same machine keeps it.
 
     precision, layout: the fastest training step among the candidates the device runs natively
@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from engine import runtime
-from engine import trainstep
+from engine import runtime, trainstep
 from engine.errors import UserError
 from engine.runtime import log
+from engine.state import build
 
 # What the end of a run takes besides predicting (saving, reports, pictures): a few seconds measured on a 2-core
 # CPU; and the share of the budget planned for, so that a machine that slows down a little still ends in time.
@@ -101,8 +101,8 @@ def time_candidates(cfg, raw, batches, device, candidates):
     x, y, _ = next(batches.batches(batches.plan(gen), gen))
     seconds = {}
     for amp, cl in candidates:
-        trial = trainstep.build_state(cfg, copy.deepcopy(raw).train(), device, runtime.DTYPES[amp], cl, len(batches),
-                                      compile=False, ddp=False)
+        trial = build(cfg, copy.deepcopy(raw).train(), device, runtime.DTYPES[amp], cl, len(batches), compile=False,
+                      ddp=False)
         try:
             times = [timed_step(trial, x, y) for _ in range(TUNE_WARMUP)]
             if not seconds or times[-1] < SLOW * min(seconds.values()):
@@ -133,14 +133,14 @@ def size_epochs(run, started):
     if runtime.WORLD > 1:
         raise UserError("--minutes sizes a run of one process: under torchrun give --epochs")
     # Dropout draws from the global generators: forked, so the run draws what it would have without this timing
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[run.state.device] if run.state.device.type == "cuda" else []):
         return _size_epochs(run, started)
 
 
 def _size_epochs(run, started):
-    cfg, tr, device = run.cfg, run.train_batches, run.device
-    trial = trainstep.build_state(cfg, copy.deepcopy(run.raw).train(), device, run.amp, run.channels_last, len(tr),
-                                  run.recall)
+    s = run.state
+    cfg, tr, device = s.cfg, run.train_batches, s.device
+    trial = build(cfg, copy.deepcopy(s.raw).train(), device, s.amp, s.channels_last, len(tr), s.recall)
     gen = torch.Generator().manual_seed(0)
     batches = iter(())
 
@@ -156,12 +156,12 @@ def _size_epochs(run, started):
     step_s = seconds_each(train_step, 8)
     views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4  # at the end (and each epoch unless last)
     ex, _, _ = next(run.val_batches.batches(run.val_batches.plan()))
-    ex = ex.contiguous(memory_format=torch.channels_last) if run.channels_last else ex
+    ex = ex.contiguous(memory_format=torch.channels_last) if s.channels_last else ex
     trial.raw.eval()
 
     @torch.inference_mode()
     def evaluate():
-        with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
+        with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
             for _ in range(views):
                 trial.model(ex)
         runtime.sync(device)

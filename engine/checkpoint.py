@@ -1,4 +1,4 @@
-"""Files that must never be torn or unsafe: atomic writes, checkpoint save/load, RNG state.
+"""Files that must never be torn or unsafe: atomic writes, checkpoint save/load, RNG state, names never taken.
 
 Atomic write: write a temporary file in the same folder, flush + fsync, os.replace it into place.
 A kill at any instant leaves the old file or the new one, never half of one.
@@ -164,3 +164,16 @@ def set_rng_state(state, gen):
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     gen.set_state(state["data"])
+
+
+def claim_new_path(base, ext, make):
+    """The first of BASE.EXT, BASE-2.EXT, BASE-3.EXT ... that `make` creates. make (os.makedirs, or open with
+    'x') fails on a taken name, so two processes never get the same one, even within one second."""
+    k = 1
+    while True:
+        path = f"{base}{f'-{k}' if k > 1 else ''}{ext}"
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            k += 1

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from engine import locks
+from engine.recipes import DEMO_DIR
 
 SIZE = 100
 SPLIT_SIZES = {"train": 300, "validation": 100, "test": 50}  # per split, balanced over 5 classes
@@ -113,6 +114,13 @@ def _version(dest):
 
 def _current(dest):
     return all(os.path.isfile(os.path.join(dest, f"{s}.csv")) for s in SPLIT_SIZES) and _version(dest) == VERSION
+
+
+def ensure_if_asked(data_dir):
+    """Where a run or a command reads the demo set (--demo: data_dir is DEMO_DIR), build it first if it is absent
+    or of an older version."""
+    if os.path.abspath(data_dir) == os.path.abspath(DEMO_DIR):
+        ensure(DEMO_DIR)
 
 
 def ensure(dest):

@@ -1,46 +1,13 @@
-"""What a training step is made of: the loss, the optimizer (and loading its saved state), the learning-rate
-schedule, the EMA of the weights, and batch mixing (mixup / cutmix). train.py puts them together into the loop.
+"""The optimizers (the report's Adam, AdamW, and Muon for the convolutions beside AdamW for the rest), loading their
+saved state, and the learning-rate schedules. The loss is in loss.py, the EMA of the weights in ema.py; state.py
+puts them together into a run's state, trainstep.py into a step.
 """
-import itertools
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.optim.swa_utils
 
 from engine import runtime
-from engine.recipes import NUM_CLASSES, fixed_class_weights
-
-
-def make_loss(cfg, weights=None):
-    if cfg["focal_gamma"]:
-        gamma, ls = cfg["focal_gamma"], cfg["label_smoothing"]
-
-        def focal(logits, target):  # focal loss: down-weights the easy examples by (1 - p)^gamma
-            logp = F.log_softmax(logits.float(), 1)
-            if target.dim() == 1:
-                target = F.one_hot(target, logp.shape[1]).float()
-            target = target * (1 - ls) + ls / logp.shape[1]
-            loss = -(target * (1 - logp.exp()) ** gamma * logp)
-            if weights is not None:
-                loss = loss * weights
-            return loss.sum(1).mean()
-        return focal
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg["label_smoothing"])
-
-
-def class_weights(cfg, device, recall=None):
-    cw = cfg["class_weights"]
-    if not cw:
-        return None
-    if cw == "auto":  # weight each class by how badly it was recalled at the last validation
-        if recall is None:
-            return None
-        r = torch.tensor(recall, dtype=torch.float32).clamp_min(0.05)
-        w = (1 / r) / (1 / r).mean()
-        return w.clamp(0.5, 2.0).to(device)
-    return torch.tensor(fixed_class_weights(cw), device=device)
 
 
 def make_optimizer(params, lr, weight_decay=0.0, kind="adam"):
@@ -195,55 +162,6 @@ def make_scheduler(cfg, opt, steps_per_epoch=1):
                                                       factor=cfg["plateau_factor"])
 
 
-def make_ema(model, decay):
-    """An exponential moving average of the weights and BatchNorm buffers (EMA, below), updated after every step
-    taken with the rate min(decay, (1 + n) / (10 + n)) after n updates. Why the warm-up: with a fixed 0.999 the
-    average still holds 0.999^n of the random initial weights, ~46% after the 780 steps of 4 epochs at batch 64,
-    and judged that early a ResCNN said one class for every image (20.00%) while training accuracy was at 80%;
-    with it, the average follows the model closely at first and settles to `decay` after ~10,000 steps (the
-    warm-up of tf.train.ExponentialMovingAverage's num_updates)."""
-    return EMA(model, decay)
-
-
-class EMA(torch.optim.swa_utils.AveragedModel):
-    """torch.optim.swa_utils.AveragedModel (the copy of the model, its count n_averaged, and how --evaluate
-    reads it), updated without a host sync: the library's update_parameters reads n_averaged on the host twice
-    a step, which on a GPU stalls every step. Here the rate is computed on the device, and `taken` (a 0-d bool
-    tensor on the device: the fp16 step was not skipped) gates the update, so a skipped step leaves the
-    average and its count where they were."""
-
-    def __init__(self, model, decay):
-        super().__init__(model, use_buffers=True)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update_parameters(self, model, taken=None):
-        n = self.n_averaged.double()
-        weight = torch.where(n == 0, 1.0, 1 - torch.clamp((1 + n) / (10 + n), max=self.decay))  # the first copies
-        if taken is not None:
-            weight = weight * taken
-        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
-                         itertools.chain(model.parameters(), model.buffers())))
-        floats = [(a, c) for a, c in pairs if torch.is_floating_point(a)]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats], weight)
-        for a, c in pairs:  # counters (BatchNorm's num_batches_tracked): the model's own
-            if not torch.is_floating_point(a):
-                a.copy_(c if taken is None else torch.where(taken, c, a))
-        self.n_averaged += 1 if taken is None else taken
-
-
-def make_mix(cfg):
-    """mixup/cutmix on whole batches (torchvision.transforms.v2); returns None when both are off."""
-    from torchvision.transforms import v2
-    ops = []
-    if cfg["mixup"]:
-        ops.append(v2.MixUp(alpha=cfg["mixup"], num_classes=NUM_CLASSES))
-    if cfg["cutmix"]:
-        ops.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=NUM_CLASSES))
-    return v2.RandomChoice(ops) if ops else None
-
-
 def load_optimizer_state(opt, state):
     """Adam's saved state, run fused whatever implementation wrote it (a checkpoint of PyTorch's default Adam
     says fused=None). The flag is set in the saved groups before loading, because loading reads it there:
@@ -252,3 +170,17 @@ def load_optimizer_state(opt, state):
         return opt.load_state_dict(state)
     groups = [{**g, "fused": True, "foreach": None} for g in state["param_groups"]]
     opt.load_state_dict({**state, "param_groups": groups})
+
+
+def follow_epochs(sched, opt, cfg):
+    """After a resume, the rate of the schedule over the --epochs given now (it may differ from the run's first):
+    the schedules over a fixed length are rebuilt from cfg, and the rate of their current step is set from their
+    own formula. A cosine kept at its saved length would climb again past its end; a finished run resumed from
+    the end of its cosine would go on at a rate of zero."""
+    if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
+        sched.T_max = cfg["epochs"]
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
+    if cfg["scheduler"] in ("warmup_cosine", "linear"):  # LambdaLR: its factor functions were made from cfg
+        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)

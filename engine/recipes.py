@@ -86,7 +86,7 @@ DEFAULTS = dict(
 )
 
 # Settings that change a checkpoint's predictions: --evaluate / --predict / --analyze judge a checkpoint with its
-# run's own unless given on the command line (evaluate.judged_as).
+# run's own unless given on the command line (inference.judged_as).
 JUDGING = ("tta", "tta_views", "channels_last", "amp", "chosen")
 
 # Settings that may change when a run is resumed; any other difference is refused.
@@ -184,3 +184,11 @@ def check_selection(cfg):
     if cfg["select"] == "last" and cfg["scheduler"] == "plateau":
         raise UserError("--select last needs a fixed schedule (--scheduler cosine, warmup_cosine or linear): the plateau "
                         "schedule steps on validation accuracy")
+
+
+# Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
+PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "ckpt_dir", "skip_ckpt", "three_ckpt")
+
+
+def absolute_paths(cfg):
+    return {**cfg, **{k: os.path.abspath(cfg[k]) for k in PATH_SETTINGS if cfg.get(k)}}

@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.checkpoint import atomic_write_bytes, atomic_write_text
 from engine.recipes import NUM_CLASSES
+from engine.runtime import log
 
 CLASSES = [str(k) for k in range(NUM_CLASSES)]
 
@@ -70,12 +71,29 @@ def save_report(rep, text, folder, name="report"):
     atomic_write_text(os.path.join(folder, f"{name}.json"), json.dumps(rep, indent=2))
 
 
-def write_submission(path, ids, preds):
+def write_report(probs, pos, va, out_dir, title, paths):
+    """The classification report of validation probabilities: printed, saved as text and JSON, and drawn."""
+    y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
+    rep = build_report(y, pred)
+    rep["checkpoints"] = list(paths)
+    text = report_text(rep, y, pred, title)
+    log(text)
+    save_report(rep, text, out_dir)
+    draw(plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
+    log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
+    return rep
+
+
+def write_submission(probs, pos, te, out_csv):
+    """The submission CSV: the predicted class of each test image (probabilities in the order `pos` gives), with
+    test.csv's ids, in test.csv's order."""
+    ids = [te.ids[i] for i in pos.tolist()]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_id", "label"])
-    w.writerows(zip(ids, (int(p) for p in preds)))
-    atomic_write_text(path, buf.getvalue())
+    w.writerows(zip(ids, (int(p) for p in probs.argmax(1).tolist())))
+    atomic_write_text(out_csv, buf.getvalue())
+    log(f"submission: {out_csv} ({len(ids)} rows, test.csv order)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training run: one epoch of steps, the loop with the plateau schedule and early stopping, a checkpoint
-every epoch, Ctrl-C / SIGTERM, and the end of a run (report, submission, best checkpoint promoted). What a
-step is made of (model, loss, optimizer, schedule, batch mixing) is in optim.py.
+every epoch, Ctrl-C / SIGTERM, and the end of a run (report, submission, best checkpoint promoted). What the
+run works on (model, optimizer, schedule, scaler, EMA, loss, counters) is its state (state.py); one step of
+it is trainstep.py's.
 
     train(cfg, given, resume)      set_up -> [one_epoch -> end_of_epoch] x epochs -> finish
 """
@@ -8,23 +9,40 @@ import os
 import signal
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 
-from engine import budget
-from engine import checkpoint
 import dataloader
 import dataset
-from engine import evaluate
 import models
-from engine import optim
-from engine import report
-from engine import runs
-from engine import runtime
-from engine import trainstep
+from engine import budget, checkpoint, demo_data, folders, inference, loss, optim, promote, report, runtime, trainstep
 from engine.errors import UserError, raise_lost_interrupt
 from engine.runtime import log
+from engine.state import TrainState, build
+
+
+@dataclass(eq=False)
+class Run:
+    """A training run: its state (what its checkpoints hold: state.TrainState) and what it works with besides,
+    rebuilt when it resumes: its batches and its folder."""
+    state: TrainState
+    train_batches: object
+    val_batches: object
+    holdout_batches: object  # None without --holdout
+    test_batches: object
+    run_dir: str
+    t0: float = 0.0  # when the epoch began
+    phase: str = "train"  # "train" or "validate": which ran out of GPU memory, if one does
+
+    @property
+    def last(self):
+        return os.path.join(self.run_dir, "last.pth")
+
+    @property
+    def log_csv(self):
+        return os.path.join(self.run_dir, "log.csv")
+
 
 # ==============================================================================================
 # One epoch
@@ -55,23 +73,24 @@ class NumericalError(Exception):
 def train_steps(run, start, stats):
     """Train over one epoch's batches from step `start`; stats (device tensors) accumulate loss and accuracy.
     Returns the number of steps done (stops early when Stop.signal is set)."""
-    cfg, batches, epoch = run.cfg, run.train_batches, run.epoch + 1
-    run.model.train()
+    s = run.state
+    cfg, batches, epoch = s.cfg, run.train_batches, s.epoch + 1
+    s.model.train()
     done = start
-    losses = torch.zeros(len(batches), device=run.device)  # checked in chunks: no GPU sync per step
+    losses = torch.zeros(len(batches), device=s.device)  # checked in chunks: no GPU sync per step
     bar = runtime.progress(len(batches), f"epoch {epoch} train", cfg)
     bar.update(start)
     t0 = time.time()
-    for x, y, _ in batches.batches(run.plan, run.gen, start):
-        loss, out = trainstep.step(run, x, y)
-        losses[done] = loss.detach()
-        stats[0] += loss.detach() * len(y)
+    for x, y, _ in batches.batches(s.plan, s.gen, start):
+        batch_loss, out = trainstep.step(s, x, y)
+        losses[done] = batch_loss.detach()
+        stats[0] += batch_loss.detach() * len(y)
         stats[1] += (out.argmax(1) == y).sum()
         stats[2] += len(y)
         done += 1
         if done % 50 == 0 or done == len(batches):
             check_finite(losses[:done], epoch)
-            trainstep.follow_steps_taken(run)
+            trainstep.follow_steps_taken(s)
             if bar.disable is False:
                 bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}",
                                 acc=f"{100 * stats[1].item() / stats[2].item():.1f}%",
@@ -101,26 +120,27 @@ def train(cfg, given, resume, checked=None):
     try:
         return train_run(cfg, given, resume, checked)
     finally:
-        runs.release_run_dir()  # another process may resume it now
+        folders.release_run_dir()  # another process may resume it now
 
 
 def train_run(cfg, given, resume, checked):
     run = set_up(cfg, given, resume, checked)
     if isinstance(run, int):  # a resumed run that had nothing left to train
         return run
+    cfg = run.state.cfg  # a resumed run's own settings
     # Ctrl-C / SIGTERM are handled here in a single process; under torchrun, torchrun handles them and a
     # run resumes from its last end-of-epoch checkpoint.
     previous_handlers = Stop.install() if runtime.WORLD == 1 else {}
     try:
-        while run.epoch < run.cfg["epochs"]:
+        while run.state.epoch < cfg["epochs"]:
             stopped = one_epoch(run)
             if stopped is None:
                 stopped = end_of_epoch(run)
             if stopped is not None:
                 return stopped
-            if run.bad_epochs >= run.cfg["early_stop"]:
-                log(f"early stop: no better {'held-out' if run.cfg['select'] == 'holdout' else 'validation'} "
-                    f"accuracy for {run.bad_epochs} epochs")
+            if run.state.bad_epochs >= cfg["early_stop"]:
+                log(f"early stop: no better {'held-out' if cfg['select'] == 'holdout' else 'validation'} "
+                    f"accuracy for {run.state.bad_epochs} epochs")
                 break
     except NumericalError as e:  # on stderr, as every error line of a run (tools/sweep.py shows it as the run's cause)
         there = (f"the last good checkpoint is {run.last}" if os.path.exists(run.last) else
@@ -142,13 +162,13 @@ def set_up(cfg, given, resume, checked=None):
     ckpt = path = run_dir = None
     started = time.time()
     if resume:
-        ckpt, cfg, path, run_dir, todo = runs.open_resume(cfg, given, resume)
+        ckpt, cfg, path, run_dir, todo = folders.open_resume(cfg, given, resume)
         if os.environ.get("RANK", "0") == "0":  # under torchrun the first process holds it for all
-            runs.hold_run_dir(run_dir)
+            folders.hold_run_dir(run_dir)
         if todo == "nothing":
             return 0
         if todo == "promote":
-            promote_best(cfg, run_dir)
+            promote.promote_best(cfg, run_dir)
             return 0
         if todo == "finish":
             device = runtime.setup_distributed(cfg)
@@ -158,34 +178,52 @@ def set_up(cfg, given, resume, checked=None):
     device = runtime.setup_distributed(cfg)  # after a resume has restored the run's own settings
     gen = runtime.seed_everything(cfg["seed"], cfg["deterministic"])
     torch.autograd.set_detect_anomaly(cfg["detect_anomaly"])
+    if checked is None:  # a resumed run (its data folder is known once its checkpoint is read)
+        demo_data.ensure_if_asked(cfg["data_dir"])
     data = checked or dataset.check_data(cfg["data_dir"])  # a new run's was checked before PyTorch was imported
     data_rows = dataset.resume_digests(data)
     if ckpt is not None:
-        runs.check_resume_data(ckpt, data_rows, cfg, path)
+        folders.check_resume_data(ckpt, data_rows, cfg, path)
     tr, va, held, te = load_data(cfg, device, data)
-    raw = models.build_for_run(cfg).to(device)
+    raw = build_model(cfg).to(device)
     budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
-    state = trainstep.build_state(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device),
-                                  len(tr))
+    state = build(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device), len(tr),
+                  gen=gen)
+    state.data_rows = data_rows
     raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
-        runs.check_output(cfg, run_dir, raw)
+        folders.check_output(cfg, run_dir, raw)
     machine_notes(cfg, device)
-    run = SimpleNamespace(
-        **vars(state), gen=gen, data_rows=data_rows, train_batches=tr, val_batches=va, holdout_batches=held,
-        test_batches=te, run_dir=run_dir, last=os.path.join(run_dir, "last.pth"),
-        log_csv=os.path.join(run_dir, "log.csv"),
-        **runs.COUNTERS, partial=torch.zeros(3, device=device), finished=False)  # where the run stands
+    run = Run(state, tr, va, held, te, run_dir)
     if ckpt is not None:
-        runs.restore(run, ckpt, path)
-    run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, device, run.recall))
+        state.load_state_dict(ckpt, path)
+        log(f"resuming {run_dir} at epoch {state.epoch + 1}" + (f", step {state.step + 1}" if state.step else ""))
+    state.loss_fn = loss.make_loss(cfg, loss.class_weights(cfg, device, state.recall))  # the recall a resumed run had
     if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
         cfg["epochs"] = budget.size_epochs(run, started)
-        run.sched = optim.make_scheduler(cfg, run.opt, len(tr))
+        state.sched = optim.make_scheduler(cfg, state.opt, len(tr))
     if runtime.RANK == 0:
-        runs.start_log(run, ckpt is not None)
+        folders.start_log(run, ckpt is not None)
     return run
+
+
+def build_model(cfg):
+    """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
+    if cfg["model"] != "ensemble":
+        return models.build_model(cfg["model"])
+    paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth")
+             for name in ("skip", "three")}
+    missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"--model ensemble needs trained base checkpoints; missing: {', '.join(missing)}: train them "
+                        f"with 'python main.py --model skip' and '--model three', or pass --skip-ckpt/--three-ckpt")
+    bases = {}
+    for name, path in paths.items():
+        ckpt = checkpoint.load(path, expect_model=name)
+        bases[name] = models.build_model(name)
+        checkpoint.load_weights(bases[name], {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
+    return models.EnsembleCNN(bases["skip"], bases["three"])
 
 
 def load_data(cfg, device, data):
@@ -205,9 +243,9 @@ def load_data(cfg, device, data):
 
 def claim_run_dir(cfg):
     """A new run folder, made by the first process and shared with the others under torchrun."""
-    run_dir = runs.new_run_dir(cfg) if runtime.RANK == 0 else None
+    run_dir = folders.new_run_dir(cfg) if runtime.RANK == 0 else None
     if run_dir is not None:
-        runs.hold_run_dir(run_dir)
+        folders.hold_run_dir(run_dir)
     if runtime.WORLD > 1:
         box = [run_dir]
         torch.distributed.broadcast_object_list(box)
@@ -227,16 +265,17 @@ def machine_notes(cfg, device):
 def one_epoch(run):
     """Train the epoch's steps (from where a resumed run stopped). Interrupted mid-epoch: save where it is and
     return the exit code; else None."""
+    s = run.state
     run.t0 = time.time()
-    if run.step == 0:
-        run.plan, run.partial = run.train_batches.plan(run.gen), torch.zeros(3, device=run.device)
+    if s.step == 0:
+        s.plan, s.partial = run.train_batches.plan(s.gen), torch.zeros(3, device=s.device)
     run.phase = "train"  # which of the two ran out of memory, if one does
-    run.step = train_steps(run, run.step, run.partial)
-    if Stop.signal is None or run.step == len(run.train_batches):
+    s.step = train_steps(run, s.step, s.partial)
+    if Stop.signal is None or s.step == len(run.train_batches):
         return None
     if runtime.RANK == 0:
-        runs.save_state(run, run.last)
-        log(f"saved {run.last} (epoch {run.epoch + 1}, step {run.step}).\nresume with: "
+        folders.save_state(run, run.last)
+        log(f"saved {run.last} (epoch {s.epoch + 1}, step {s.step}).\nresume with: "
             f"python main.py --resume {run.run_dir}")
     return Stop.exit_code()
 
@@ -253,47 +292,48 @@ def epoch_mark(cfg, improved, bad_epochs):
 def end_of_epoch(run):
     """Validate, step the schedule, count epochs without gain, save best.pth and last.pth, log the epoch.
     Returns the exit code when a signal asked to stop, else None."""
-    cfg = run.cfg
-    run.epoch, run.step = run.epoch + 1, 0
+    s = run.state
+    cfg = s.cfg
+    s.epoch, s.step = s.epoch + 1, 0
     if runtime.WORLD > 1:
-        torch.distributed.all_reduce(run.partial)
+        torch.distributed.all_reduce(s.partial)
     run.phase = "validate"
-    eval_model = run.ema.module if run.ema is not None else run.raw
-    val_loss, val_acc, run.recall = evaluate.evaluate_split(eval_model, run.val_batches, cfg, run.device, run.amp)
+    eval_model = s.ema.module if s.ema is not None else s.raw
+    val_loss, val_acc, s.recall = inference.evaluate_split(eval_model, run.val_batches, cfg, s.device, s.amp)
     held_acc = ""
     if run.holdout_batches is not None:  # the selection metric, and the recall --class-weights auto follows
-        _, held_acc, run.recall = evaluate.evaluate_split(eval_model, run.holdout_batches, cfg, run.device, run.amp)
+        _, held_acc, s.recall = inference.evaluate_split(eval_model, run.holdout_batches, cfg, s.device, s.amp)
     score = held_acc if cfg["select"] == "holdout" else val_acc  # what chooses best.pth (not used by 'last')
-    lr = run.opt.param_groups[0]["lr"]
-    if isinstance(run.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        run.sched.step(score)  # the report's schedule: on validation accuracy, mode max
+    lr = s.opt.param_groups[0]["lr"]
+    if isinstance(s.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        s.sched.step(score)  # the report's schedule: on validation accuracy, mode max
     elif cfg["scheduler"] not in optim.PER_STEP_SCHEDULES:  # those stepped after every step (train_steps)
-        run.sched.step()
+        s.sched.step()
     if cfg["class_weights"] == "auto":
-        run.loss_fn = optim.make_loss(cfg, optim.class_weights(cfg, run.device, run.recall))
-    improved = cfg["select"] == "last" or score > run.best_acc  # last: best.pth is always the latest weights
+        s.loss_fn = loss.make_loss(cfg, loss.class_weights(cfg, s.device, s.recall))
+    improved = cfg["select"] == "last" or score > s.best_acc  # last: best.pth is always the latest weights
     if improved:
-        run.best_acc, run.best_epoch, run.bad_epochs = score, run.epoch, 0
+        s.best_acc, s.best_epoch, s.bad_epochs = score, s.epoch, 0
     else:
-        run.bad_epochs += 1
-    n = run.partial[2].item()
-    row = dict(epoch=run.epoch, lr=lr, train_loss=run.partial[0].item() / n, train_acc=run.partial[1].item() / n,
+        s.bad_epochs += 1
+    n = s.partial[2].item()
+    row = dict(epoch=s.epoch, lr=lr, train_loss=s.partial[0].item() / n, train_acc=s.partial[1].item() / n,
                val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
-    run.finished = run.bad_epochs >= cfg["early_stop"] or run.epoch >= cfg["epochs"]
+    s.finished = s.bad_epochs >= cfg["early_stop"] or s.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
         if improved:
-            runs.save_state(run, os.path.join(run.run_dir, "best.pth"))
-        runs.save_state(run, run.last, run.finished)
-        runs.write(run, runs.append_log, run.log_csv, row)
-        log(f"epoch {run.epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
+            folders.save_state(run, os.path.join(run.run_dir, "best.pth"))
+        folders.save_state(run, run.last)
+        folders.write(run, folders.append_log, run.log_csv, row)
+        log(f"epoch {s.epoch:3d}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%"
             f"  val loss {val_loss:.4f} acc {100 * val_acc:6.2f}%" + (f"  holdout acc {100 * held_acc:6.2f}%"
                                                                         if held_acc != "" else "")
             + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
-            + epoch_mark(cfg, improved, run.bad_epochs)
-            + (f"  peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:,.0f} MiB"
-               if run.device.type == "cuda" else ""))
+            + epoch_mark(cfg, improved, s.bad_epochs)
+            + (f"  peak GPU memory {torch.cuda.max_memory_allocated(s.device) / 2**20:,.0f} MiB"
+               if s.device.type == "cuda" else ""))
     if Stop.signal is not None:
-        log(f"stopped after epoch {run.epoch}; resume with: python main.py --resume {run.run_dir}")
+        log(f"stopped after epoch {s.epoch}; resume with: python main.py --resume {run.run_dir}")
         return Stop.exit_code()
     return None
 
@@ -301,8 +341,8 @@ def end_of_epoch(run):
 def out_of_memory(run):
     """The GPU ran out of memory: one line saying which batch to lower, and how to go on."""
     if run.phase == "train":
-        raise UserError(f"the GPU ran out of memory at batch size {run.cfg['batch_size']}: start again with "
-                        f"--batch-size {max(1, run.cfg['batch_size'] // 2)}")
+        raise UserError(f"the GPU ran out of memory at batch size {run.state.cfg['batch_size']}: start again with "
+                        f"--batch-size {max(1, run.state.cfg['batch_size'] // 2)}")
     va = run.val_batches
     if va.batch_size == 1:
         raise  # not the batch: main() names the other causes
@@ -315,11 +355,12 @@ def out_of_memory(run):
 
 def finish(run):
     """Training is over: mark last.pth finished, judge the best checkpoint, write the submission."""
-    if not run.finished and runtime.RANK == 0:  # ran out of epochs exactly at a boundary
-        runs.save_state(run, run.last, True)
+    if not run.state.finished and runtime.RANK == 0:  # ran out of epochs exactly at a boundary
+        run.state.finished = True
+        folders.save_state(run, run.last)
     if runtime.RANK == 0:  # the splits already in memory, unless each process holds only its share (torchrun)
         batches = {"validation": run.val_batches, "test": run.test_batches} if runtime.WORLD == 1 else None
-        finish_run(run.cfg, run.run_dir, run.device, run.amp, batches)
+        finish_run(run.state.cfg, run.run_dir, run.state.device, run.state.amp, batches)
     if runtime.WORLD > 1:
         torch.distributed.barrier()
     return 0
@@ -330,20 +371,14 @@ def finish_run(cfg, run_dir, device, amp, batches=None):
     predicting test, then kept where users find it. batches: the validation and test loaders, when at hand."""
     best = os.path.join(run_dir, "best.pth")
     ckpt = checkpoint.load(best)
-    model = evaluate.model_for_eval(ckpt, best, cfg, device)
+    model = inference.model_for_eval(ckpt, best, cfg, device)
     if batches is None:
         batches = dataloader.loaders_for(cfg, device, ["validation", "test"], sharded=False)
     va, te = batches["validation"], batches["test"]
-    probs, pos, _, _ = evaluate.predict_probs(model, va, cfg, device, amp, cfg["tta"], "validate")
-    rep = evaluate.write_report(probs, pos, va, run_dir, f"{cfg['model']}: best checkpoint of {run_dir}", [best])
-    ckpt = runs.write_validation_figure(best, ckpt, rep["accuracy"])
-    probs, pos, _, _ = evaluate.predict_probs(model, te, cfg, device, amp, cfg["tta"], "predict")
-    evaluate.write_submission(probs, pos, te, os.path.join(run_dir, "submission.csv"))
-    promote_best(cfg, run_dir, ckpt)
+    probs, pos, _, _ = inference.predict_probs(model, va, cfg, device, amp, cfg["tta"], "validate")
+    rep = report.write_report(probs, pos, va, run_dir, f"{cfg['model']}: best checkpoint of {run_dir}", [best])
+    ckpt = promote.write_validation_figure(best, ckpt, rep["accuracy"])
+    probs, pos, _, _ = inference.predict_probs(model, te, cfg, device, amp, cfg["tta"], "predict")
+    report.write_submission(probs, pos, te, os.path.join(run_dir, "submission.csv"))
+    promote.promote_best(cfg, run_dir, ckpt)
     report.draw(report.plot_curves, os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "curves.png"))
-
-
-def promote_best(cfg, run_dir, ckpt=None):
-    """The run's best compared with CKPT_DIR's (runs.promote), and that it was, noted in the run folder."""
-    line = runs.promote(os.path.join(run_dir, "best.pth"), cfg, ckpt)
-    checkpoint.atomic_write_text(os.path.join(run_dir, runs.PROMOTED), line + "\n")

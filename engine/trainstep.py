@@ -1,39 +1,12 @@
-"""One training step and what it works on: the model in its memory layout and precision, the optimizer, the
-schedule, the GradScaler, the EMA, the loss and batch mixing. build_state makes them the same way for the run
-(train.py), for the timings before it (budget.py: --amp auto, --channels-last auto, --minutes) and for tools/bench.py,
-so the step exists once.
+"""One training step on a run's state (state.py): forward, loss, backward, the optimizer, the per-step schedule,
+the EMA; and the schedule set back by the fp16 steps skipped. The run (train.py), the timings before it
+(budget.py) and tools/bench.py all step with it, so the step exists once.
 
-    state = build_state(cfg, model, device, amp, channels_last, steps_per_epoch)
     loss, out = step(state, x, y)          ... and every 50 steps: follow_steps_taken(state)
 """
-from types import SimpleNamespace
-
 import torch
-import torch.nn as nn
 
 from engine import optim
-from engine import runtime
-
-
-def build_state(cfg, raw, device, amp, channels_last, steps_per_epoch, recall=None, compile=None, ddp=None):
-    """What a step of `raw` (a model on `device`) works on, as a namespace: raw (the weights saved), model (what the
-    step calls: compiled and under DDP as asked), opt, sched, scaler (enabled for fp16 only), ema, loss_fn, mix,
-    and skipped (fp16 steps skipped since the schedule last caught up, on the device). compile / ddp: default to
-    the run's (--compile; torchrun)."""
-    if channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
-    model = raw
-    if cfg["compile"] if compile is None else compile:
-        model = runtime.compile_model(model, device)
-    if runtime.WORLD > 1 if ddp is None else ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return SimpleNamespace(
-        cfg=cfg, device=device, amp=amp, channels_last=channels_last, raw=raw, model=model, opt=opt,
-        sched=optim.make_scheduler(cfg, opt, steps_per_epoch), scaler=torch.amp.GradScaler(
-            device.type, enabled=amp == torch.float16), ema=optim.make_ema(raw, cfg["ema"]) if cfg["ema"] else None,
-        loss_fn=optim.make_loss(cfg, optim.class_weights(cfg, device, recall)), mix=optim.make_mix(cfg),
-        skipped=torch.zeros((), dtype=torch.long, device=device))
 
 
 def step(s, x, y):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import main
-from engine import demo_data, runs
+from engine import demo_data, folders, promote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A Python started by a test (python -c SCRIPT) imports the project as pytest does: from the root
@@ -42,8 +42,9 @@ def fixed_clock(monkeypatch):
     """main.py's clock stopped at 2026-01-02 03:04:05: things made within one second."""
     import datetime
     import types
-    monkeypatch.setattr(runs, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(
-        now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))))
+    stopped = types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: datetime.datetime(2026, 1, 2, 3, 4, 5)))
+    for module in (folders, promote):  # names of run folders, names of earlier bests kept aside
+        monkeypatch.setattr(module, "datetime", stopped)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 import main
 from engine import recipes
-from engine import runs
+from engine import folders
 from engine import runtime
 from conftest import ROOT, base_args
 
@@ -80,7 +80,7 @@ def test_run_folder_holds_config_log_report_submission_and_pictures(run):
     cfg = json.load(open(folder / "config.json"))
     assert cfg["model"] == "three" and cfg["batch_size"] == 16 and cfg["lr"] == 5e-4 and "device_name" in cfg
     rows = list(csv.DictReader(open(folder / "log.csv")))
-    assert list(rows[0]) == runs.LOG_FIELDS and len(rows) == recipes.DEMO_EPOCHS
+    assert list(rows[0]) == folders.LOG_FIELDS and len(rows) == recipes.DEMO_EPOCHS
     rep = json.load(open(folder / "report.json"))
     assert set(rep["classes"]) == {"0", "1", "2", "3", "4"} and {"precision", "recall", "f1-score"} <= set(rep["classes"]["4"])
     for name, min_size in [("confusion.png", (400, 200)), ("curves.png", (600, 150))]:
@@ -151,16 +151,16 @@ def test_torchrun_two_processes_matches_one_process(tiny_data, tmp_path, run_mai
 
 
 def _ddp_step(rank, port, out):
-    """One process of two: the step main.py takes under torchrun (trainstep.build_state with DDP), on its half of
+    """One process of two: the step main.py takes under torchrun (state.build with DDP), on its half of
     a batch, written to `out` as the weights it ends with."""
     import torch
     import torch.distributed as dist
-    from engine import trainstep
+    from engine import state as run_state, trainstep
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     cfg = {**recipes.resolve_config(main.parse_args(["--model", "three"]))[0], "lr": 0.1}
-    state = trainstep.build_state(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=True)
+    state = run_state.build(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=True)
     x, y = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 5
     trainstep.step(state, x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
     torch.save(model.state_dict(), f"{out}.{rank}")
@@ -173,7 +173,7 @@ def test_under_torchrun_each_step_averages_the_processes_gradients(tmp_path):
     import socket
     import torch
     import torch.multiprocessing as mp
-    from engine import trainstep
+    from engine import state as run_state, trainstep
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -182,7 +182,7 @@ def test_under_torchrun_each_step_averages_the_processes_gradients(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     cfg = {**recipes.resolve_config(main.parse_args(["--model", "three"]))[0], "lr": 0.1}
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    state = trainstep.build_state(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=False)
+    state = run_state.build(cfg, model, torch.device("cpu"), None, False, 10, compile=False, ddp=False)
     x, y = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 5
     trainstep.step(state, x, y)
     ranks = [torch.load(tmp_path / f"w.{r}", weights_only=True) for r in (0, 1)]

@@ -13,6 +13,7 @@ import dataset
 import dataloader
 import main
 import models
+from engine import loss
 from engine import optim
 from engine import recipes
 from tools import results
@@ -45,9 +46,9 @@ def test_res_trains_with_the_short_recipe_by_default_and_strong_on_request():
     cfg, _ = recipes.resolve_config(main.parse_args(["--model", "res"]))
     assert cfg["preset"] == "short" and cfg["optimizer"] == "muon" and cfg["scheduler"] == "linear"
     assert cfg["select"] == "last" and cfg["ema"] == 0 and cfg["label_smoothing"] == 0.1
-    assert optim.class_weights(cfg, "cpu").tolist() == [1, 1, 1, 1, 1.5]  # class 4, the one most often missed
+    assert loss.class_weights(cfg, "cpu").tolist() == [1, 1, 1, 1, 1.5]  # class 4, the one most often missed
     plain, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--class-weights", "1,1,1,1,1"]))
-    assert optim.class_weights(plain, "cpu").tolist() == [1] * 5
+    assert loss.class_weights(plain, "cpu").tolist() == [1] * 5
     assert cfg["tta"] and cfg["tta_views"] == "flip" and cfg["rotate"] == 0
     assert cfg["batch_size"] == 64 and cfg["epochs"] == cfg["early_stop"] == 12 and cfg["warmup"] == 1
     strong, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--preset", "strong"]))

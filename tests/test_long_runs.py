@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from engine import checkpoint
 import dataloader
 import dataset
 from engine import demo_data
-from engine import evaluate
+from engine import inference
 import main
 import models
 from engine import recipes
-from engine import runs
+from engine import report
+from engine import folders
 from engine import runtime
 from conftest import ROOT, WITH_ROOT, base_args
 
@@ -157,7 +159,7 @@ def test_a_finished_run_goes_on_with_a_larger_epochs_as_if_it_had_been_one_run(t
 def test_a_run_stopped_before_its_submission_writes_it_when_resumed(tiny_data, tmp_path, run_main, monkeypatch):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(evaluate, "write_submission", ctrl_c)  # Ctrl-C after the last epoch, before the submission
+    monkeypatch.setattr(report, "write_submission", ctrl_c)  # Ctrl-C after the last epoch, before the submission
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))[0] == 130
     run = tmp_path / "runs" / "r"
     assert torch.load(run / "last.pth", weights_only=True)["finished"] and not (run / "submission.csv").exists()
@@ -169,7 +171,7 @@ def test_a_run_stopped_before_its_submission_writes_it_when_resumed(tiny_data, t
 
 
 def test_a_run_stopped_early_goes_on_with_a_larger_early_stop(tiny_data, tmp_path, run_main, monkeypatch):
-    monkeypatch.setattr(evaluate, "evaluate_split", lambda *a, **k: (1.0, 0.5, [0.5] * 5))  # never a gain
+    monkeypatch.setattr(inference, "evaluate_split", lambda *a, **k: (1.0, 0.5, [0.5] * 5))  # never a gain
     assert run_main(base_args(tiny_data, tmp_path, "--epochs", "2", "--early-stop", "1"))[0] == 0
     last = tmp_path / "runs" / "r" / "last.pth"
     ck = torch.load(last, weights_only=True)
@@ -329,16 +331,21 @@ def test_temporaries_left_by_a_killed_writer_are_cleaned_up_by_the_next_save(tmp
 
 
 def test_reports_and_submissions_are_written_atomically(tmp_path, monkeypatch):
-    from engine import report
     target = tmp_path / "submission.csv"
-    report.write_submission(str(target), ["a", "b"], [1, 2])
+    test = types.SimpleNamespace(ids=["a", "b", "c"])  # the test split's ids, as its loader holds them
+
+    def submit(ids, preds):  # probabilities whose argmax is each pred
+        report.write_submission(torch.nn.functional.one_hot(torch.tensor(preds), 5).float(), torch.tensor(ids), test,
+                                str(target))
+    submit([0, 1], [1, 2])
+    assert target.read_text() == "image_id,label\na,1\nb,2\n"
     good = target.read_text()
 
     def torn(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "fsync", torn)  # the write fails half way
     with pytest.raises(OSError):
-        report.write_submission(str(target), ["a", "b", "c"], [0, 0, 0])
+        submit([0, 1, 2], [0, 0, 0])
     assert target.read_text() == good and os.listdir(tmp_path) == ["submission.csv"]
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~checkpoint._umask()  # not mkstemp's 0600
 
@@ -418,7 +425,7 @@ def test_runs_checking_a_shared_folder_at_the_same_time_do_not_fail_each_other(t
     def check_many():
         for _ in range(300):
             try:
-                runs.check_output({"ckpt_dir": str(tmp_path)}, str(tmp_path), torch.nn.Linear(1, 1))
+                folders.check_output({"ckpt_dir": str(tmp_path)}, str(tmp_path), torch.nn.Linear(1, 1))
             except dataset.UserError as e:
                 failures.append(str(e))
     threads = [threading.Thread(target=check_many) for _ in range(2)]
@@ -446,7 +453,7 @@ def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_prediction
 
     def loader(batch):
         return dataloader.TensorBatches(data["images"], data["labels"], data["ids"], batch, False, device)
-    expected = evaluate.predict_probs(model, loader(20), cfg, device, None)[0]
+    expected = inference.predict_probs(model, loader(20), cfg, device, None)[0]
     forward = models.ThreeCNN.forward
 
     def small_gpu(self, x):  # a card that holds at most 5 images at a time
@@ -455,7 +462,7 @@ def test_evaluation_out_of_memory_halves_the_batch_and_gives_the_same_prediction
         return forward(self, x)
     monkeypatch.setattr(models.ThreeCNN, "forward", small_gpu)
     batches = loader(20)
-    probs, pos, _, count = evaluate.predict_probs(model, batches, cfg, device, None)
+    probs, pos, _, count = inference.predict_probs(model, batches, cfg, device, None)
     assert batches.batch_size == 5 and count == 20 and pos.tolist() == list(range(20))
     assert torch.allclose(probs, expected, atol=1e-5)
     assert "evaluating at 10" in capsys.readouterr().out
@@ -535,7 +542,7 @@ def test_training_uses_fused_adam_also_when_resuming_an_older_checkpoint(tiny_da
 
 def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path, fixed_clock):
     cfg = {"run_name": None, "model": "three", "out_dir": str(tmp_path / "runs")}
-    folders = [runs.new_run_dir(cfg) for _ in range(3)]  # a seed sweep started with '&': none has saved yet
-    assert [os.path.basename(f) for f in folders] == ["three-20260102-030405", "three-20260102-030405-2",
+    made = [folders.new_run_dir(cfg) for _ in range(3)]  # a seed sweep started with '&': none has saved yet
+    assert [os.path.basename(f) for f in made] == ["three-20260102-030405", "three-20260102-030405-2",
                                                       "three-20260102-030405-3"]
-    assert all(os.path.isdir(f) for f in folders)
+    assert all(os.path.isdir(f) for f in made)

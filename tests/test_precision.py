@@ -20,6 +20,8 @@ import main
 from engine import optim
 from engine import recipes
 from engine import runtime
+from engine import state as run_state
+from engine import train
 from engine import trainstep
 from conftest import base_args
 
@@ -47,7 +49,7 @@ def short_cfg(**change):
 
 def small_state(amp=torch.float16, **change):
     torch.manual_seed(0)
-    return trainstep.build_state(short_cfg(**change), Small(), CPU, amp, False, steps_per_epoch=20, compile=False,
+    return run_state.build(short_cfg(**change), Small(), CPU, amp, False, steps_per_epoch=20, compile=False,
                                  ddp=False)
 
 
@@ -142,24 +144,23 @@ def test_the_minutes_trial_steps_a_state_of_its_own_and_leaves_the_runs_scaler(m
     labels = torch.arange(20) % 5
     tr = dataloader.TensorBatches(images, labels, None, 4, True, CPU, max_angle=0)
     va = dataloader.TensorBatches(images, labels, None, 4, False, CPU)
-    run = copy.copy(s)
-    run.cfg = {**s.cfg, "minutes": 1.0}
-    run.train_batches, run.val_batches, run.holdout_batches, run.test_batches, run.recall = tr, va, None, va, None
+    s.cfg = {**s.cfg, "minutes": 1.0}
+    run = train.Run(s, tr, va, None, va, run_dir="unused")
     trial_scales, trial_steps = [], []
     real_step = trainstep.step
 
     def step(state, x, y):
-        trial_steps.append(state is not run and x.dtype == torch.float32)
+        trial_steps.append(state is not run.state and x.dtype == torch.float32)
         out = real_step(state, x, y)
         trial_scales.append(state.scaler)
         return out
     monkeypatch.setattr(trainstep, "step", step)
     monkeypatch.setattr(budget, "seconds_each", lambda fn, n: [fn() for _ in range(3)] and 0.01)
-    scaler, weights, rng = run.scaler.state_dict(), copy.deepcopy(run.raw.state_dict()), torch.get_rng_state()
+    scaler, weights, rng = s.scaler.state_dict(), copy.deepcopy(s.raw.state_dict()), torch.get_rng_state()
     budget.size_epochs(run, started=0.0)
-    assert trial_steps and all(trial_steps) and all(sc is not run.scaler for sc in trial_scales)
-    assert run.scaler.state_dict() == scaler and torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(v, run.raw.state_dict()[k]) for k, v in weights.items())
+    assert trial_steps and all(trial_steps) and all(sc is not s.scaler for sc in trial_scales)
+    assert s.scaler.state_dict() == scaler and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, s.raw.state_dict()[k]) for k, v in weights.items())
 
 
 # ----------------------------------------------------------------------------------------------

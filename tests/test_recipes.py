@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from engine import checkpoint
 import dataloader
-from engine import evaluate
+from engine import inference
+from engine import loss
 import main
 import models
-from engine import optim
 from engine import recipes
 from dataset import UserError
 from conftest import base_args
@@ -29,7 +29,7 @@ def test_tta_averages_the_softmax_over_its_views(tiny_data, tmp_path):
     batches = dataloader.make_batches(tiny_data, "validation", 8, False, "cpu", cache_dir=str(tmp_path),
                                       log=lambda *a: None)
     cfg = {**recipes.DEFAULTS, "quiet": True}
-    probs, pos, _, _ = evaluate.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
+    probs, pos, _, _ = inference.predict_probs(model, batches, cfg, torch.device("cpu"), None, tta=True)
     x, _, _ = next(batches.batches(batches.plan()))
     views = dataloader.tta_views(x)
     assert len(views) == 4 and torch.equal(views[1], x.flip(3))
@@ -53,8 +53,8 @@ def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main, monkeypat
     assert ema is not None and not torch.equal(ema["features.0.weight"], raw["features.0.weight"])
     assert checkpoint.eval_state(ck) is ema
     built = []
-    real = evaluate.model_for_eval
-    monkeypatch.setattr(evaluate, "model_for_eval", lambda *a: built.append(real(*a)) or built[-1])
+    real = inference.model_for_eval
+    monkeypatch.setattr(inference, "model_for_eval", lambda *a: built.append(real(*a)) or built[-1])
     rc, out, _ = run_main(["--evaluate", run / "best.pth", "--data-dir", tiny_data, "--out-dir", tmp / "e",
                            "--cache-dir", tmp / "cache"])
     assert rc == 0 and f"{100 * ck['best_acc']:.2f}%" in out  # the best metric was measured on the EMA
@@ -65,20 +65,20 @@ def test_ema_weights_are_kept_and_judged(ema_run, tiny_data, run_main, monkeypat
 
 def test_class_weights_auto_and_listed():
     cfg = dict(recipes.DEFAULTS, class_weights="auto")
-    w = optim.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
+    w = loss.class_weights(cfg, "cpu", recall=[0.9, 0.9, 0.9, 0.9, 0.6])
     assert w[4] == w.max() and w[4] > 1 > w[0]
-    assert optim.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
-    assert optim.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
+    assert loss.class_weights(cfg, "cpu", recall=None) is None  # before the first validation
+    assert loss.class_weights(dict(cfg, class_weights="1,1,1,1,2"), "cpu").tolist() == [1, 1, 1, 1, 2]
     with pytest.raises(UserError):
-        optim.class_weights(dict(cfg, class_weights="1,2"), "cpu")
+        loss.class_weights(dict(cfg, class_weights="1,2"), "cpu")
 
 
 def test_focal_loss():
     logits = torch.tensor([[4.0, 0, 0, 0, 0], [0.2, 0, 0, 0, 0]])
     y = torch.tensor([0, 0])
-    ce = optim.make_loss(dict(recipes.DEFAULTS, label_smoothing=0.0))
-    f0 = optim.make_loss(dict(recipes.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
-    f2 = optim.make_loss(dict(recipes.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
+    ce = loss.make_loss(dict(recipes.DEFAULTS, label_smoothing=0.0))
+    f0 = loss.make_loss(dict(recipes.DEFAULTS, focal_gamma=1e-9, label_smoothing=0.0))
+    f2 = loss.make_loss(dict(recipes.DEFAULTS, focal_gamma=2.0, label_smoothing=0.0))
     assert torch.allclose(f0(logits, y), ce(logits, y), atol=1e-6)
     per = [f2(logits[i:i + 1], y[i:i + 1]) / ce(logits[i:i + 1], y[i:i + 1]) for i in range(2)]
     assert per[0] < per[1] < 1  # easy examples are down-weighted most
@@ -87,18 +87,18 @@ def test_focal_loss():
 
 
 def test_mixup_cutmix_give_soft_targets_and_train(tiny_data, tmp_path, run_main, monkeypatch):
-    mix = optim.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
+    mix = loss.make_mix(dict(recipes.DEFAULTS, mixup=0.2, cutmix=1.0))
     x, y = torch.randn(8, 3, 100, 100), torch.arange(8) % 5
     xm, ym = mix(x, y)
     assert xm.shape == x.shape and ym.shape == (8, 5) and torch.allclose(ym.sum(1), torch.ones(8))
-    assert optim.make_mix(recipes.DEFAULTS) is None
+    assert loss.make_mix(recipes.DEFAULTS) is None
     seen = []
-    real = optim.make_loss
+    real = loss.make_loss
 
     def make_loss(cfg, weights=None):  # records the targets the run's loss gets, and its class weights
         loss = real(cfg, weights)
         return lambda out, target: seen.append((target.dim(), weights is not None)) or loss(out, target)
-    monkeypatch.setattr(optim, "make_loss", make_loss)
+    monkeypatch.setattr(loss, "make_loss", make_loss)
     rc, _, err = run_main(base_args(tiny_data, tmp_path, "--mixup", "0.2", "--cutmix", "1.0", "--epochs", "2",
                                     "--focal-gamma", "2", "--class-weights", "auto", "--amp", "bf16",
                                     "--channels-last"))
@@ -125,7 +125,7 @@ def test_soft_vote_of_checkpoints(ema_run, tiny_data, run_main):
     checkpoint.save(ck, str(other))
     cfg = {**recipes.DEFAULTS, "data_dir": tiny_data, "cache_dir": str(tmp / "cache"), "quiet": True}
     va = dataloader.loaders_for(cfg, torch.device("cpu"), ["validation"], sharded=False)["validation"]
-    probs = {name: evaluate.vote_probs(cfg, paths, va, torch.device("cpu"), None)[0]
+    probs = {name: inference.vote_probs(cfg, paths, va, torch.device("cpu"), None)[0]
              for name, paths in (("a", [run / "best.pth"]), ("b", [other]), ("aa", [run / "best.pth"] * 2),
                                  ("ab", [run / "best.pth", other]))}
     assert torch.allclose(probs["aa"], probs["a"]) and torch.allclose(probs["aa"].sum(1), torch.ones(len(va.ids)))

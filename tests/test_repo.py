@@ -84,5 +84,19 @@ def test_the_time_to_accuracy_curve_takes_whole_single_runs_on_its_cpu_and_draws
 def test_the_readme_is_short_and_every_file_says_what_it_owns():
     """Sizes of files and functions are a guide for judgment, not a rule that forces a split: not tested."""
     assert len(readme().splitlines()) <= 250
-    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py")):
-        assert open(path).read().lstrip().startswith('"""'), f"{path} opens with no docstring saying what it owns"
+    for folder in ("", "engine", "tools", "tests"):
+        for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
+            assert open(path).read().lstrip().startswith('"""'), f"{path} opens with no docstring saying what it owns"
+
+
+def test_the_root_holds_what_the_project_is_known_by_and_nothing_edits_sys_path():
+    """The engine is one package and the tools are apart; everything imports from the root as it is."""
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))) == [
+        "dataloader.py", "dataset.py", "main.py", "models.py"]
+    sources = [p for folder in ("", "engine", "tools", "tests", "experiments")
+               for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]
+    edits = re.compile(r"sys\.path\s*(\.|\[|\+|=)")  # an insert, an assignment or an addition
+    assert not [p for p in sources if edits.search(open(p).read())]
+    models_imports = re.findall(r"^(?:from|import) (\S+)", open(os.path.join(ROOT, "models.py")).read(), re.M)
+    assert "engine.checkpoint" not in models_imports and "engine" not in models_imports  # models.py loads nothing
+    assert "torch.load" not in open(os.path.join(ROOT, "models.py")).read()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import checkpoint
-from engine import runs
+from engine import promote
 from conftest import ROOT, WITH_ROOT, base_args
 
 
@@ -32,7 +32,7 @@ def variant(best, folder, val_acc):
 PROMOTE_SLOWLY = """
 import time
 import torch
-from engine import runs
+from engine import promote
 real = torch.load
 def slow_load(*a, **k):  # every run reads the earlier best at the same moment: their ends coincide
     time.sleep(0.4)
@@ -40,7 +40,7 @@ def slow_load(*a, **k):  # every run reads the earlier best at the same moment: 
 torch.load = slow_load
 while time.time() < {start}:
     time.sleep(0.01)
-runs.promote({path!r}, {{"ckpt_dir": {ckpt!r}, "model": "three"}})
+promote.promote({path!r}, {{"ckpt_dir": {ckpt!r}, "model": "three"}})
 """
 
 
@@ -71,21 +71,21 @@ def test_a_kill_during_promotion_leaves_a_whole_best_and_the_resume_completes_it
     run, dest = tmp_path / "runs" / "r", tmp_path / "ckpt" / "three_best.pth"
     old = variant(run / "best.pth", tmp_path, 0.0)
     dest.write_bytes(old.read_bytes())  # an earlier, worse best: this run's promotion will replace it
-    (run / runs.PROMOTED).unlink()
+    (run / promote.PROMOTED).unlink()
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # as a SIGKILL would stop it there, with nothing after
     if dies_at == "keeping the old aside":
-        monkeypatch.setattr(runs, "keep_aside", killed)
+        monkeypatch.setattr(promote, "keep_aside", killed)
     else:
         monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        runs.promote(str(run / "best.pth"), {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"})
+        promote.promote(str(run / "best.pth"), {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"})
     monkeypatch.undo()
     assert dest.read_bytes() == old.read_bytes()  # the old one, whole
     rc, out, err = run_main(["--resume", run])
     assert rc == 0 and "never compared with" in out, err
-    assert dest.read_bytes() == (run / "best.pth").read_bytes() and (run / runs.PROMOTED).exists()
+    assert dest.read_bytes() == (run / "best.pth").read_bytes() and (run / promote.PROMOTED).exists()
     aside = list((tmp_path / "ckpt").glob("three_best.*-*.pth"))
     assert [p.read_bytes() for p in aside if p.read_bytes() == old.read_bytes()]  # the earlier best, kept aside
     assert "nothing to do" in run_main(["--resume", run])[1]
@@ -94,7 +94,7 @@ def test_a_kill_during_promotion_leaves_a_whole_best_and_the_resume_completes_it
 def test_a_promotion_stopped_by_a_read_only_folder_is_completed_on_resume(tiny_data, tmp_path, run_main, monkeypatch):
     def read_only(best, cfg, new=None):
         raise PermissionError(errno.EACCES, "Permission denied", cfg["ckpt_dir"])
-    monkeypatch.setattr(runs, "promote", read_only)
+    monkeypatch.setattr(promote, "promote", read_only)
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
     assert rc == 2 and err.startswith("error: Permission denied") and err.count("\n") == 1
     run = tmp_path / "runs" / "r"
@@ -111,7 +111,8 @@ from engine import demo_data
 demo_data.SPLIT_SIZES = {{"train": 40, "validation": 10, "test": 10}}
 while time.time() < {start}:
     time.sleep(0.01)
-rows = dataset.resume_digests(dataset.check_data("demo_data"))  # what a --demo run does first
+demo_data.ensure_if_asked("demo_data")  # what a --demo run does first
+rows = dataset.resume_digests(dataset.check_data("demo_data"))
 print(rows["train"][0])
 """
 

@@ -3,10 +3,8 @@ augmentation, a run made of them stopped mid-epoch and resumed exactly, the TTA 
 and runs sized to a time budget (--minutes)."""
 import csv
 import json
-import os
 import re
 import signal
-import sys
 import time
 import types
 
@@ -16,10 +14,12 @@ import torch
 from engine import budget
 import dataloader
 import main
+from engine import loss
 from engine import optim
+from engine.ema import make_ema
 from engine import recipes
 from engine import train
-from conftest import ROOT, base_args
+from conftest import base_args
 
 from tools import judge_holdout
 
@@ -41,7 +41,7 @@ def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
 
 def test_the_ema_follows_the_model_closely_at_first_then_at_its_decay():
     model = torch.nn.Linear(1, 1, bias=False)
-    ema = optim.make_ema(model, 0.999)
+    ema = make_ema(model, 0.999)
     values = []
     for w in (1.0, 2.0, 3.0):
         model.weight.data.fill_(w)
@@ -70,7 +70,7 @@ def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(optimizer, 
              "--optimizer", optimizer, "--amp", "bf16", "--channels-last")  # no timing steps: they count as losses
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_main(base_args(tiny_data, ref, *flags))[0] == 0
-    make_loss, calls = optim.make_loss, [0]
+    make_loss, calls = loss.make_loss, [0]
 
     def loss_that_stops_at_step_6(cfg, weights=None):
         inner = make_loss(cfg, weights)
@@ -81,7 +81,7 @@ def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(optimizer, 
                 train.Stop.signal = signal.SIGTERM
             return inner(out, target)
         return loss
-    monkeypatch.setattr(optim, "make_loss", loss_that_stops_at_step_6)
+    monkeypatch.setattr(loss, "make_loss", loss_that_stops_at_step_6)
     assert run_main(base_args(tiny_data, cut, *flags))[0] == 143
     saved = torch.load(cut / "runs" / "r" / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 2)
@@ -184,10 +184,10 @@ def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_ove
 
 def test_a_short_run_judges_each_epoch_without_tta_and_its_end_with_the_flip(tiny_data, tmp_path, run_main,
                                                                              monkeypatch):
-    from engine import evaluate
+    from engine import inference
     seen = []
-    real = evaluate.predict_probs
-    monkeypatch.setattr(evaluate, "predict_probs", lambda *a, **k: (seen.append((a[5], a[2]["tta_views"])),
+    real = inference.predict_probs
+    monkeypatch.setattr(inference, "predict_probs", lambda *a, **k: (seen.append((a[5], a[2]["tta_views"])),
                                                                    real(*a, **k))[1])
     args = base_args(tiny_data, tmp_path, "--model", "res", "--epochs", "2", "--batch-size", "4")
     rc, out, err = run_main(args)

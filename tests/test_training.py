@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from engine import checkpoint
-from engine import evaluate
+from engine import inference
 import main
 import models
 from engine import optim
 from engine import recipes
-from engine import runs
+from engine import promote
 from engine import runtime
 from conftest import base_args
 
@@ -105,7 +105,7 @@ def test_a_new_run_never_destroys_the_earlier_best(trained, tiny_data, run_main,
         ck["val_acc"], ck["marker"] = 0.0, k
         checkpoint.save(ck, str(dest))
         versions.append(dest.read_bytes())
-        runs.promote(str(tmp / "runs" / "r-2" / "best.pth"), cfg)
+        promote.promote(str(tmp / "runs" / "r-2" / "best.pth"), cfg)
     assert [p.name for p in aside()] == ["three_best.20260102-030405-2.pth", "three_best.20260102-030405.pth"]
     assert sorted(p.read_bytes() for p in aside()) == sorted(versions)
     assert dest.read_bytes() == (tmp / "runs" / "r-2" / "best.pth").read_bytes()
@@ -117,14 +117,14 @@ def test_promoting_the_same_best_again_moves_nothing_aside(trained, tmp_path):
     tmp, run = trained
     cfg = {"ckpt_dir": str(tmp_path / "ckpt"), "model": "three"}
     for _ in range(2):
-        runs.promote(str(run / "best.pth"), cfg)
+        promote.promote(str(run / "best.pth"), cfg)
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name[0] != "."] == ["three_best.pth"]  # and the lock
     assert (tmp_path / "ckpt" / "three_best.pth").read_bytes() == (run / "best.pth").read_bytes()
 
 
 def test_plateau_schedule_and_early_stopping_act_as_configured(tiny_data, tmp_path, run_main, monkeypatch):
     accs = iter([0.5, 0.6] + [0.6] * 20)  # improves twice, then never again
-    monkeypatch.setattr(evaluate, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
+    monkeypatch.setattr(inference, "evaluate_split", lambda *a, **k: (1.0, next(accs), [0.6] * 5))
     rc, out, _ = run_main(base_args(tiny_data, tmp_path, "--epochs", "50", "--plateau-patience", "2",
                                     "--plateau-factor", "0.5", "--early-stop", "4", "--lr", "1e-3"))
     assert rc == 0 and "early stop" in out

@@ -36,13 +36,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine import budget
 import dataloader
 from engine import demo_data
-from engine import evaluate
+from engine import inference
 import main
 import models
 from engine import optim
 from engine import recipes
 from engine import runtime
 from engine import trainstep
+from engine.state import build
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0, "GTX 1650": 6.0}
@@ -83,7 +84,7 @@ def baseline_steps(model, loader, gen):
 
 
 def run_steps(state, loader, gen):
-    """Training steps as main.py takes them: its own step on a state built as a run's (trainstep.py)."""
+    """Training steps as main.py takes them: its own step on a state built as a run's (state.py, trainstep.py)."""
     state.raw.train()
     for x, y, _ in forever(loader, gen):
         trainstep.step(state, x, y)
@@ -93,7 +94,7 @@ def run_steps(state, loader, gen):
 def run_state(name, model, device, amp, steps_per_epoch, compile=False, channels_last=True):
     """The training state main.py builds for --model name with its own recipe (channels_last unless told)."""
     cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
-    return trainstep.build_state(cfg, model, device, amp, channels_last, steps_per_epoch, compile=compile, ddp=False)
+    return build(cfg, model, device, amp, channels_last, steps_per_epoch, compile=compile, ddp=False)
 
 
 def infer_steps(model, loader, amp, channels_last, device):
@@ -173,14 +174,14 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             model = models.build_model(name)  # channels_last: same sizes (FakeTensorMode cannot convert modules)
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
             chunk = dataloader.chunk_steps(batch, "cuda")  # augmented as on the GPU: several steps' images at once
-            state = trainstep.build_state({**cfg, "ema": 0.0}, model, cpu, amp, False, 100, compile=False, ddp=False)
+            state = build({**cfg, "ema": 0.0}, model, cpu, amp, False, 100, compile=False, ddp=False)
             state.scaler = torch.amp.GradScaler("cpu", enabled=False)  # it reads values: fake tensors have none
             steps = run_steps(state, dataloader.TensorBatches(data, labels, None, batch, True, cpu, chunk=chunk), gen)
             for _ in range(2):  # the second step has the optimizer's state from the first
                 next(steps)
             train_mib, mem.peak = mem.peak / 2**20, mem.now
             eval_batches = dataloader.TensorBatches(data[:eval_batch], labels[:eval_batch], None, eval_batch, False, cpu)
-            evaluate.predict_probs(model, eval_batches, cfg, cpu, amp, cfg["tta"])
+            inference.predict_probs(model, eval_batches, cfg, cpu, amp, cfg["tta"])
             del ema
     finally:
         dataloader._NORM.clear()

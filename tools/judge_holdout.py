@@ -9,13 +9,12 @@ run kept an EMA of them too (by default the EMA's, as main.py judges). Every che
 held out the same rows (the same data, --holdout and --seed).
 """
 import argparse
-import os
 import sys
 
 import torch
 
 import dataloader
-from engine import checkpoint, evaluate, runtime
+from engine import checkpoint, inference, runtime
 from engine.recipes import DEFAULTS
 
 
@@ -26,13 +25,13 @@ def held_out_probs(path, device, views, raw=False):
     if not cfg["holdout"]:
         sys.exit(f"error: {path} comes from a run without --holdout: it has no held-out rows to be judged on")
     held = dataloader.loaders_for(cfg, device, ["holdout"], sharded=False)["holdout"]
-    model, _ = evaluate.load_for_eval(path, cfg, device)
+    model, _ = inference.load_for_eval(path, cfg, device)
     if raw:  # the trained weights, not their EMA
         checkpoint.load_weights(model, ckpt, path)
     amp = runtime.amp_dtype(cfg, device)
     out = {}
     for v in views:
-        probs, pos, _, _ = evaluate.predict_probs(model, held, {**cfg, "tta_views": v}, device, amp, tta=v != "none")
+        probs, pos, _, _ = inference.predict_probs(model, held, {**cfg, "tta_views": v}, device, amp, tta=v != "none")
         out[v] = (probs, held.labels[pos], tuple(held.ids[i] for i in pos.tolist()))
     return out
 

@@ -1,51 +1,32 @@
-"""Run folders and what is kept in them: a new folder per run, finding / checking / opening a run to resume,
-config.json and the per-epoch log, a run's state saved to and restored from last.pth / best.pth, and
-promotion of a run's best checkpoint to models_pth/ where users find it.
+"""Run folders and the files a run keeps in them: a new folder per run (held by a lock while it trains), finding /
+checking / opening a run to resume, config.json and the per-epoch log.csv, and a run's state written to
+last.pth / best.pth (the state itself, and how it is saved and restored, is state.py's; promotion of the best
+to models_pth/ is promote.py's).
 """
 import csv
 import datetime
-import filecmp
 import glob
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
 
 import torch
 
-from engine import checkpoint
-from engine import locks
 import models
-from engine import optim
-from engine import runtime
+from engine import checkpoint, locks, runtime
+from engine.checkpoint import claim_new_path
 from engine.errors import DISK_ERRORS, UserError
-from engine.recipes import DEFAULTS, NUM_CLASSES, RESUME_MAY_CHANGE
+from engine.promote import PROMOTED
+from engine.recipes import DEFAULTS, RESUME_MAY_CHANGE, absolute_paths
 from engine.runtime import log
 
-PROMOTED = "promotion.txt"  # in a run folder once its best was compared with CKPT_DIR's (what happened, one line)
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
-
-# Folders and files a checkpoint keeps as absolute paths, so a run resumes from any working directory.
-PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "ckpt_dir", "skip_ckpt", "three_ckpt")
 
 
 # ==============================================================================================
 # New folders
-
-def claim_new_path(base, ext, make):
-    """The first of BASE.EXT, BASE-2.EXT, BASE-3.EXT ... that `make` creates. make (os.makedirs, or open with
-    'x') fails on a taken name, so two processes never get the same one, even within one second."""
-    k = 1
-    while True:
-        path = f"{base}{f'-{k}' if k > 1 else ''}{ext}"
-        try:
-            make(path)
-            return path
-        except FileExistsError:
-            k += 1
-
 
 def new_run_dir(cfg):
     """A new folder for the run, never an earlier run's; runs started in the same second, as a seed sweep
@@ -123,10 +104,6 @@ def find_resume(cfg, path, model=None):
     return last
 
 
-def absolute_paths(cfg):
-    return {**cfg, **{k: os.path.abspath(cfg[k]) for k in PATH_SETTINGS if cfg.get(k)}}
-
-
 def check_resume_config(saved, given, path):
     saved, given = absolute_paths(saved), absolute_paths(given)  # 'dataset' and '/home/me/dataset' agree
     for k, v in given.items():
@@ -195,18 +172,18 @@ def open_resume(cfg, given, resume):
 def start_log(run, resumed):
     """config.json, the log (a resumed run continues its own; rows past the checkpoint are dropped), and the
     lines that say what trains where."""
-    cfg, device, amp = run.cfg, run.device, run.amp
+    cfg, device, amp = run.state.cfg, run.state.device, run.state.amp
     cfg_out = {**cfg, "device_name": runtime.device_name(device), "amp_dtype": str(amp),
                "world_size": runtime.WORLD, "torch": torch.__version__}
     checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
-    write_log(run.log_csv, kept_log_rows(run.log_csv, run.epoch) if resumed else [])
+    write_log(run.log_csv, kept_log_rows(run.log_csv, run.state.epoch) if resumed else [])
     for note in (runtime.device_note(cfg, device), runtime.precision_note(cfg, device, amp)):
         if note:
             log(note)
     precision = str(amp).replace("torch.", "") if amp else "fp32"
-    log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.raw, True):,} trainable "
+    log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.state.raw, True):,} trainable "
         f"parameters) on {runtime.device_name(device)}, precision {precision}"
-        f"{' channels_last' if run.channels_last else ''}, {runtime.WORLD} process(es), loader "
+        f"{' channels_last' if run.state.channels_last else ''}, {runtime.WORLD} process(es), loader "
         f"{type(run.train_batches).__name__}")
 
 
@@ -233,123 +210,6 @@ def kept_log_rows(path, epoch):
         return [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
 
 
-def write_validation_figure(best, ckpt, accuracy):
-    """best.pth (loaded as ckpt) with the validation accuracy it was judged at, the figure its promotion is compared
-    on. Returns the checkpoint as saved."""
-    if ckpt.get("val_acc") != accuracy:
-        ckpt = {**ckpt, "val_acc": accuracy}
-        checkpoint.save(ckpt, best)
-    return ckpt
-
-
-def validation_figure(ckpt):
-    """A checkpoint's validation accuracy as judged at the end of its run (None where unknown: a run from before
-    runs recorded it, unless it was chosen on validation, where its best_acc is that accuracy)."""
-    if ckpt.get("val_acc") is not None:
-        return ckpt["val_acc"]
-    return ckpt["best_acc"] if (ckpt.get("config") or {}).get("select", "val") == "val" else None
-
-
-def promote(best, cfg, new=None):
-    """Make a run's best CKPT_DIR/<model>_best.pth, where --model ensemble and --predict users look, as one
-    transaction under a lock on that file (runs ending together take turns): an earlier one that scored higher
-    on the same validation images stays (a 2-epoch try must not displace a 10-hour run); any other earlier one is
-    kept aside under a new name (a hard link: no copy, and at no instant is there no <model>_best.pth), then the
-    new one replaces it in one os.replace. A kill at any point leaves the old file or the new one. The figure
-    compared is each checkpoint's validation accuracy, whatever chose it (--select). new: best.pth as loaded, where
-    at hand. Returns the line it logged."""
-    dest = os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.pth")
-    with locks.held(os.path.join(cfg["ckpt_dir"], f".{cfg['model']}_best.lock")):
-        line = _promote(best, dest, cfg, new)
-    log(line)
-    return line
-
-
-def keep_aside(src, path):
-    """`src` also under `path` (FileExistsError if taken): a hard link, or a copy where links are not supported."""
-    try:
-        os.link(src, path)
-    except FileExistsError:
-        raise
-    except OSError:
-        with open(src, "rb") as f, open(path, "xb") as out:
-            shutil.copyfileobj(f, out)
-
-
-def _promote(best, dest, cfg, new):
-    if os.path.exists(dest) and filecmp.cmp(best, dest, shallow=False):  # a finished run resumed: already there
-        return f"best checkpoint: {dest}"
-    if os.path.exists(dest):
-        new = new or torch.load(best, map_location="cpu", weights_only=True)
-        try:
-            old = torch.load(dest, map_location="cpu", weights_only=True)
-            same_rows = (old.get("data") or {}).get("validation", [])[:2] == new["data"]["validation"][:2]
-            old_acc = validation_figure(old)
-        except Exception:  # unreadable: kept aside below, as any other
-            same_rows, old_acc = False, None
-        if same_rows and old_acc is not None and old_acc > new["val_acc"]:
-            return (f"kept {dest}: validation accuracy {100 * old_acc:.2f}%, more than this run's "
-                    f"{100 * new['val_acc']:.2f}% (its best stays in {best})")
-        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        aside = claim_new_path(os.path.join(cfg["ckpt_dir"], f"{cfg['model']}_best.{stamp}"), ".pth",
-                               lambda p: keep_aside(dest, p))
-        log(f"kept the previous {dest} as {aside}")
-    with open(best, "rb") as f:
-        checkpoint.atomic_write_bytes(dest, f.read())
-    return f"best checkpoint: {dest}"
-
-
-# ==============================================================================================
-# A run's state in last.pth / best.pth, and back
-
-# Where a run stands, with the values a new run starts from: what last.pth saves besides the weights, optimizer,
-# schedule, scaler, EMA and random state, and where a resumed run goes on. Declared once: a new run, snapshot and
-# restore all follow it. (Beside them: `partial`, the epoch's running loss and accuracy, a tensor on the device.)
-COUNTERS = dict(epoch=0, step=0, best_acc=-1.0, best_epoch=0, bad_epochs=0, plan=None, recall=None)
-
-def restore(run, ckpt, path):
-    """Continue exactly where the run stopped: weights, optimizer, schedule, scaler, EMA, random state, counters."""
-    cfg, sched, opt = run.cfg, run.sched, run.opt
-    checkpoint.load_weights(run.raw, ckpt, path)
-    optim.load_optimizer_state(opt, ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    if cfg["scheduler"] == "cosine" and sched.T_max != cfg["epochs"]:
-        # --epochs changed on resume: from here on the rate is that of a cosine over the new number of
-        # epochs. Kept at the saved length, it would climb again past its end; a finished run resumed
-        # from the end of its cosine would go on at a rate of zero.
-        sched.T_max = cfg["epochs"]
-        for group, base in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
-    if cfg["scheduler"] in ("warmup_cosine", "linear"):  # the same: the rate of the schedule over the --epochs given now
-        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
-    if run.scaler.is_enabled() and ckpt["scaler"]:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    elif run.scaler.is_enabled():  # it trained in bf16 or fp32 until now: their GradScaler saves nothing
-        log("note: fp16 from here: the checkpoint has no GradScaler state (it trained in another precision), so "
-            "the scaler starts afresh")
-    run.skipped.fill_(ckpt.get("skipped", 0))
-    if run.ema is not None:
-        checkpoint.load_weights(run.ema.module, ckpt, path, key="ema_state_dict")
-        run.ema.n_averaged.fill_(ckpt["ema_n"])
-    checkpoint.set_rng_state(ckpt["rng"], run.gen)
-    for k in COUNTERS:
-        setattr(run, k, ckpt[k])
-    run.partial = ckpt["partial"].to(run.device)
-    log(f"resuming {run.run_dir} at epoch {run.epoch + 1}" + (f", step {run.step + 1}" if run.step else ""))
-
-
-def snapshot(run, finished=False):
-    """What last.pth and best.pth hold: plain types and tensors (checkpoint.py loads them weights_only)."""
-    ema = run.ema
-    return dict(format=checkpoint.FORMAT, model=run.cfg["model"], num_classes=NUM_CLASSES,
-                config=absolute_paths(run.cfg), **{k: getattr(run, k) for k in COUNTERS}, finished=finished,
-                state_dict=run.raw.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
-                scaler=run.scaler.state_dict(), ema_state_dict=ema.module.state_dict() if ema is not None else None,
-                ema_n=int(ema.n_averaged) if ema is not None else 0, rng=checkpoint.rng_state(run.gen),
-                partial=run.partial.cpu(), data=run.data_rows, skipped=int(run.skipped))
-
-
 def write(run, fn, *args):
     """A disk that fills up (or a folder that loses its write permission) mid-run: one line with the way back,
     not a traceback. What was written before is intact: every file is replaced atomically."""
@@ -363,5 +223,6 @@ def write(run, fn, *args):
                         f"permissions), then {then}")
 
 
-def save_state(run, path, finished=False):
-    write(run, checkpoint.save, snapshot(run, finished), path)
+def save_state(run, path):
+    """The run's state (state.TrainState.state_dict()) written to `path`, atomically."""
+    write(run, checkpoint.save, run.state.state_dict(), path)

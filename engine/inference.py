@@ -1,5 +1,6 @@
-"""Judging and predicting: softmax probabilities (with TTA, halving the batch when a GPU runs out of memory),
-validation accuracy during training, evaluation reports, submissions, soft votes and error analysis.
+"""Inference: a model's softmax probabilities over a split (with the test-time views, halving the batch when a GPU
+runs out of memory), each epoch's judging (loss, accuracy, per-class recall, reduced across processes), a
+checkpoint loaded for judging as its run judged it, and the soft vote of several checkpoints.
 """
 import os
 
@@ -7,17 +8,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine import checkpoint
 import dataloader
-import dataset
 import models
-from engine import report
-from engine import runtime
+from engine import checkpoint, runtime
 from engine.recipes import JUDGING, NUM_CLASSES
 from engine.runtime import log
 
 # ==============================================================================================
-# Probabilities and validation
+# Probabilities and each epoch's judging
 
 def predict_probs(model, batches, cfg, device, amp, tta=False, desc="eval"):
     """Softmax probabilities in split order, plus (summed loss, count) when the split is labelled.
@@ -81,7 +79,7 @@ def evaluate_split(model, batches, cfg, device, amp):
 
 
 # ==============================================================================================
-# Checkpoints judged: evaluate, predict (one checkpoint or a soft vote), analyze
+# Checkpoints loaded for judging, and the soft vote
 
 def load_for_eval(path, cfg, device, expect_model=None):
     ckpt = checkpoint.load(path, expect_model=expect_model)
@@ -126,59 +124,3 @@ def vote_probs(cfg, paths, batches, device, amp, expect_model=None, given=None):
         probs, pos, _, _ = predict_probs(model, batches, own, device, own_amp, own["tta"], f"{os.path.basename(path)}")
         total = total + probs
     return total / len(paths), pos
-
-
-def evaluate_checkpoints(cfg, paths, out_dir, device, amp, title="", expect_model=None, given=None):
-    va = dataloader.loaders_for(cfg, device, ["validation"], sharded=False)["validation"]
-    probs, pos = vote_probs(cfg, paths, va, device, amp, expect_model, given)
-    rep = write_report(probs, pos, va, out_dir, title or ", ".join(paths), paths)
-    return rep, probs, pos, va
-
-
-def write_report(probs, pos, va, out_dir, title, paths):
-    """The classification report of validation probabilities: printed, saved as text and JSON, and drawn."""
-    y, pred = va.labels[pos].numpy(), probs.argmax(1).numpy()
-    rep = report.build_report(y, pred)
-    rep["checkpoints"] = list(paths)
-    text = report.report_text(rep, y, pred, title)
-    log(text)
-    report.save_report(rep, text, out_dir)
-    report.draw(report.plot_confusion, rep, os.path.join(out_dir, "confusion.png"))
-    log(f"report: {os.path.join(out_dir, 'report.txt')} (+ report.json, confusion.png)")
-    return rep
-
-
-def predict_checkpoints(cfg, paths, out_csv, device, amp, expect_model=None, given=None):
-    te = dataloader.loaders_for(cfg, device, ["test"], sharded=False)["test"]
-    probs, pos = vote_probs(cfg, paths, te, device, amp, expect_model, given)
-    write_submission(probs, pos, te, out_csv)
-
-
-def write_submission(probs, pos, te, out_csv):
-    ids = [te.ids[i] for i in pos.tolist()]
-    report.write_submission(out_csv, ids, probs.argmax(1).tolist())
-    log(f"submission: {out_csv} ({len(ids)} rows, test.csv order)")
-
-
-def analyze(cfg, path, out_dir, device, amp, expect_model=None, given=None):
-    rep, probs, pos, va = evaluate_checkpoints(cfg, [path], out_dir, device, amp, f"analysis of {path}", expect_model,
-                                               given)
-    data = dataset.load_split_tensors(cfg["data_dir"], "validation", cfg["cache_dir"], log=log)
-    y = va.labels[pos]
-    loss = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().squeeze(1)
-    worst = loss.argsort(descending=True)[:32]
-    conf, pred = probs.max(1)
-    report.plot_gallery(data["images"][pos[worst]], y[worst].tolist(), pred[worst].tolist(), conf[worst].tolist(),
-                        os.path.join(out_dir, "worst.png"), "highest-loss validation images: true->predicted (confidence)")
-    report.plot_class_samples(data["images"], data["labels"].numpy(), os.path.join(out_dir, "samples.png"))
-    lines = ["Most confused pairs (actual -> predicted: count)"]
-    lines += [f"  {m['actual']} -> {m['predicted']}: {m['count']}" for m in rep["most_confused"]]
-    lines.append(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}  mistaken most for")
-    for c, m in rep["classes"].items():
-        other = m["confused_most_with"]
-        lines.append(f"{c:>6} {m['precision']:>10.3f} {m['recall']:>8.3f} {m['f1-score']:>8.3f} {int(m['support']):>8}"
-                     f"  {'-' if other is None else other}")
-    text = "\n".join(lines) + "\n"
-    log(text)
-    checkpoint.atomic_write_text(os.path.join(out_dir, "analysis.txt"), text)
-    log(f"pictures: {os.path.join(out_dir, 'worst.png')}, {os.path.join(out_dir, 'samples.png')}")
