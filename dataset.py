@@ -99,7 +99,9 @@ def resume_digests(data):
 def holdout_split(labels, fraction, seed):
     """(rows to train on, rows held out): `fraction` of each class held out, drawn with `seed`, both sorted.
     Stratified, so the held-out rows have the classes in train.csv's proportions; the same labels, fraction
-    and seed always give the same split (a resumed run finds its own again)."""
+    and seed always give the same split (a resumed run finds its own again). Not sklearn's
+    train_test_split(stratify=...): it draws other rows for the same seed, and every screening figure in
+    docs/results.csv was judged on these."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     held = [rng.permutation(np.flatnonzero(labels == c))[:round(fraction * (labels == c).sum())]

@@ -28,7 +28,9 @@ WINDOWS = 3  # the fastest window counts: whatever else runs on the machine only
 
 def seconds_each(fn, steps):
     """Seconds per call of fn(): 2 untimed calls (first-call set-up), then WINDOWS windows of up to `steps` calls or
-    TIMED_S / WINDOWS seconds each (at least one call); the fastest window's seconds per call."""
+    TIMED_S / WINDOWS seconds each (at least one call); the fastest window's seconds per call. Not
+    torch.utils.benchmark.Timer (tools/bench.py uses it): a run's timing must stop after TIMED_S seconds however
+    slow the step, and count its fastest window, where Timer runs a set number of calls and averages them."""
     for _ in range(2):
         fn()
     fastest = math.inf

@@ -139,7 +139,10 @@ def make_scheduler(cfg, opt, steps_per_epoch=1):
     last step of --epochs. Why: over a fixed budget, a rate that decays linearly to zero at its end beats the
     step, cosine and exponential schedules, most of all when the budget is short (Li, Yumer and Ramanan,
     "Budgeted training", ICLR 2020); a per-step rate makes the warmup and the decay smooth in a run of a few
-    epochs."""
+    epochs. Why LambdaLR and not SequentialLR of LinearLR / CosineAnnealingLR: the rate of any step is then one
+    closed formula, which a resume with another --epochs (follow_epochs) and a skipped fp16 step
+    (trainstep.follow_steps_taken) set directly, where LinearLR's chained rate would have to be replayed; and the
+    checkpoints already written hold LambdaLR's state."""
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
     if cfg["scheduler"] == "warmup_cosine":

@@ -101,3 +101,16 @@ def test_memory_estimate_counts_the_presets_own_optimizer(monkeypatch):
     adamw = bench.estimate_memory("res", "short")["train_peak_mib"]
     conv_mib = sum(p.numel() for p in models.build_model("res").parameters() if p.ndim == 4) * 4 / 2**20
     assert adamw - muon == pytest.approx(conv_mib, rel=0.01)
+
+
+def test_seconds_per_call_times_the_calls_after_two_untimed_ones_on_this_process_threads():
+    import time
+    calls, threads = [], []
+
+    def fn():
+        calls.append(1)
+        threads.append(torch.get_num_threads())
+        time.sleep(0.01)
+    s = bench.seconds_per_call(fn, 3)
+    assert len(calls) == 5 and 0.01 <= s < 0.05
+    assert set(threads) == {torch.get_num_threads()}  # not the Timer's default of one thread

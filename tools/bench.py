@@ -27,6 +27,7 @@ import time
 import weakref
 
 import torch
+import torch.utils.benchmark
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -205,11 +206,18 @@ def memory_table(names):
 # ----------------------------------------------------------------------------------------------
 # Muon's Newton-Schulz: its share of a step, in bf16 and in fp32
 
+def seconds_per_call(fn, calls):
+    """torch.utils.benchmark.Timer's mean seconds per call of fn over `calls` calls, after its 2 untimed ones; it
+    waits for a GPU to finish, and runs on this process's threads (its default is one)."""
+    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean
+
+
 def muon_share(device, rounds=3):
     """Seconds of --model res's training step (--preset short: Muon, batch 64) in bf16 and in fp32, NCHW and
     channels_last (Muon's iterations in fp32 where bf16 is not native, optim.MuonFP32), and of the Newton-Schulz
-    iterations over its convolutions' matrices in bf16 (as torch.optim.Muon runs them) and in fp32: the fastest
-    of `rounds` each, all in one process."""
+    iterations over its convolutions' matrices in bf16 (as torch.optim.Muon runs them) and in fp32: the mean of
+    `rounds` calls each after 2 untimed ones (torch.utils.benchmark.Timer), all in one process."""
     name = "res"
     cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
     gen = torch.Generator().manual_seed(0)
@@ -220,19 +228,13 @@ def muon_share(device, rounds=3):
         for cl in (False, True):
             state = run_state(name, models.build_model(name).to(device), device, runtime.DTYPES[amp], 100,
                               channels_last=cl)
-            out[f"step {budget.describe(amp, cl)}"] = min(
-                budget.timed_step(state, x, y) for _ in range(rounds + 1))
+            out[f"step {budget.describe(amp, cl)}"] = seconds_per_call(
+                lambda: trainstep.step(state, x, y), rounds)
     matrices = [optim.as_matrix(p.detach(), False) for p in models.build_model(name).to(device).parameters()
                 if p.ndim == 4]
     for label, dtype in (("Newton-Schulz bf16", torch.bfloat16), ("Newton-Schulz fp32", torch.float32)):
-        times = []
-        for _ in range(rounds + 1):
-            t0 = time.perf_counter()
-            for m in matrices:
-                optim.newton_schulz(m, (3.4445, -4.775, 2.0315), 5, 1e-7, dtype)
-            runtime.sync(device)
-            times.append(time.perf_counter() - t0)
-        out[label] = min(times)
+        out[label] = seconds_per_call(lambda: [optim.newton_schulz(m, (3.4445, -4.775, 2.0315), 5, 1e-7, dtype)
+                                               for m in matrices], rounds)
     step = {k: v for k, v in out.items() if k.startswith("step")}
     for k, v in out.items():
         print(f"  {k:<32} {v * 1000:9.1f} ms")
