@@ -20,6 +20,8 @@ from engine.runtime import log
 
 @dataclass(eq=False)
 class TrainState:
+    """Everything a training run changes as it goes, and so everything its checkpoints hold: state_dict() writes
+    it as plain types and tensors, load_state_dict() puts a run back exactly where it stopped."""
     cfg: dict
     device: torch.device
     amp: torch.dtype | None  # the autocast dtype, None for fp32
@@ -81,9 +83,11 @@ class TrainState:
         self.partial = ckpt["partial"].to(self.device)
 
 
-def build(cfg, raw, device, amp, channels_last, steps_per_epoch, recall=None, compile=None, ddp=None, gen=None):
+def build(cfg, raw, device, amp, channels_last, steps_per_epoch, recall=None, compile=None, ddp=None, gen=None,
+          data_rows=None):
     """The state of a run of `raw` (a model on `device`) at its start. compile / ddp: default to the run's
-    (--compile; torchrun); gen: the run's random generator (runtime.seed_everything)."""
+    (--compile; torchrun); gen: the run's random generator (runtime.seed_everything); data_rows: its data
+    (dataset.resume_digests)."""
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     opt = optim.make_optimizer(raw.parameters(), cfg["lr"], cfg["weight_decay"], cfg["optimizer"])
@@ -98,5 +102,5 @@ def build(cfg, raw, device, amp, channels_last, steps_per_epoch, recall=None, co
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
         ema=make_ema(raw, cfg["ema"]) if cfg["ema"] else None,
         loss_fn=loss.make_loss(cfg, loss.class_weights(cfg, device, recall)), mix=loss.make_mix(cfg),
-        skipped=torch.zeros((), dtype=torch.long, device=device), gen=gen,
+        skipped=torch.zeros((), dtype=torch.long, device=device), gen=gen, data_rows=data_rows,
         partial=torch.zeros(3, device=device))

@@ -188,8 +188,7 @@ def set_up(cfg, given, resume, checked=None):
     raw = build_model(cfg).to(device)
     budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
     state = build(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device), len(tr),
-                  gen=gen)
-    state.data_rows = data_rows
+                  gen=gen, data_rows=data_rows)
     raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
