@@ -114,13 +114,20 @@ def augment_batch(x, flips, angles, shifts=None, max_shift=None):
 
 
 TTA_ANGLES = (8.0, -8.0)
-TTA_VIEWS = ("flip", "flip_rotate")  # --tta-views
+TTA_VIEWS = ("flip", "flip_rotate", "flip_shift")  # --tta-views
 
 
 def tta_views(x, kind="flip_rotate"):
-    """Test-time views of a normalised batch: as is and flipped, and with flip_rotate also turned by +-8 degrees
-    (black fill)."""
+    """Test-time views of a normalised batch: as is and flipped; with flip_rotate also turned by +-8 degrees
+    (black fill); with flip_shift also both moved by one whole pixel down-right and up-left (the edge mirrored
+    into the gap): airbench's test-time views. Whole pixels keep the pixel grid the generators leave their traces
+    on, which a turn resamples."""
     views = [x, x.flip(3)]
+    if kind == "flip_shift":
+        padded = F.pad(torch.cat(views), (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[2:]
+        for dy, dx in ((0, 0), (2, 2)):  # the crop at (0, 0) moves the image down-right by one, at (2, 2) up-left
+            views += list(padded[:, :, dy:dy + h, dx:dx + w].chunk(2))
     if kind == "flip_rotate":
         black = normalize(torch.zeros(1, 3, 1, 1, device=x.device))
         no_flip = torch.zeros(len(x), dtype=torch.bool)

@@ -88,8 +88,9 @@ def add_recipe_flags(r):
     r.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with this alpha (0 = off)")
     r.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix with this alpha (0 = off)")
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, help="test-time augmentation in evaluation")
-    r.add_argument("--tta-views", choices=["flip", "flip_rotate"], help="--tta's views: the image and its mirror "
-                   "(flip), or those and the image turned by +-8 degrees (flip_rotate, the default)")
+    r.add_argument("--tta-views", choices=["flip", "flip_rotate", "flip_shift"], help="--tta's views: the image and "
+                   "its mirror (flip), or those and the image turned by +-8 degrees (flip_rotate, the default), or "
+                   "those two each moved by one pixel down-right and up-left (flip_shift, 6 views)")
     r.add_argument("--rotate", type=float, metavar="DEGREES", help="training images turned by up to this many degrees "
                    "(the report's 15; 0 = none)")
     r.add_argument("--shift", type=int, metavar="PIXELS", help="training images moved by up to this many whole pixels "

@@ -103,6 +103,11 @@ def test_tta_views_flip_is_the_image_and_its_mirror(tiny_data, tmp_path):
     views = dataloader.tta_views(x, "flip")
     assert len(views) == 2 and torch.equal(views[0], x) and torch.equal(views[1], x.flip(3))
     assert len(dataloader.tta_views(x)) == 4  # flip_rotate, the default: also turned by +-8 degrees
+    shifted = dataloader.tta_views(x, "flip_shift")
+    assert len(shifted) == 6 and torch.equal(shifted[1], x.flip(3))
+    assert torch.equal(shifted[2][:, :, 1:, 1:], x[:, :, :-1, :-1])  # down-right by one
+    assert torch.equal(shifted[3][:, :, 1:, 1:], x.flip(3)[:, :, :-1, :-1])
+    assert torch.equal(shifted[4][:, :, :-1, :-1], x[:, :, 1:, 1:]) and torch.equal(shifted[2][:, :, 0, 1:], x[:, :, 1, :-1])
     cfg, _ = recipes.resolve_config(main.parse_args(["--tta", "--tta-views", "flip"]))
     assert cfg["tta"] and cfg["tta_views"] == "flip"
 
@@ -114,7 +119,7 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
     out = capsys.readouterr().out.splitlines()
     held = torch.load(best, weights_only=True)["best_acc"]
     assert out[0].startswith(f"{best} [none]") and f"held-out acc {100 * held:6.2f}%" in out[0]  # as the run logged
-    assert len(out) == 9 and out[-1].startswith("soft vote of 2 [flip_rotate]") and "(5 images)" in out[-1]
+    assert len(out) == 12 and out[-1].startswith("soft vote of 2 [flip_shift]") and "(5 images)" in out[-1]
     assert run_main(base_args(tiny_data, tmp_path / "plain", "--epochs", "1"))[0] == 0
     with pytest.raises(SystemExit, match="without --holdout"):
         judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])
