@@ -120,6 +120,8 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
     held = torch.load(best, weights_only=True)["best_acc"]
     assert out[0].startswith(f"{best} [none]") and f"held-out acc {100 * held:6.2f}%" in out[0]  # as the run logged
     assert len(out) == 12 and out[-1].startswith("soft vote of 2 [flip_shift]") and "(5 images)" in out[-1]
+    assert judge_holdout.main([str(best), "--views", "flip"]) == 0
+    assert [o.split("]")[0] for o in capsys.readouterr().out.splitlines()] == [f"{best} [flip"]
     assert run_main(base_args(tiny_data, tmp_path / "plain", "--epochs", "1"))[0] == 0
     with pytest.raises(SystemExit, match="without --holdout"):
         judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])

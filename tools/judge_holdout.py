@@ -1,12 +1,12 @@
 """Judge runs on the training rows they held out (--holdout), never on validation: the screening's tool for
 the choices made after training, such as the test-time views and soft votes of several runs.
 
-    python -m tools.judge_holdout RUN/best.pth [RUN2/best.pth ...] [--raw]
+    python -m tools.judge_holdout RUN/best.pth [RUN2/best.pth ...] [--raw] [--views flip ...]
 
 For each checkpoint, and for their soft vote when there are several, prints the held-out accuracy and
-class-4 recall without TTA and with each of --tta-views' choices. --raw judges the trained weights where a
-run kept an EMA of them too (by default the EMA's, as main.py judges). Every checkpoint must come from runs that
-held out the same rows (the same data, --holdout and --seed).
+class-4 recall without TTA and with each of --tta-views' choices (--views: only those). --raw judges the
+trained weights where a run kept an EMA of them too (by default the EMA's, as main.py judges). Every
+checkpoint must come from runs that held out the same rows (the same data, --holdout and --seed).
 """
 import argparse
 import sys
@@ -47,15 +47,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--raw", action="store_true", help="the trained weights, not their EMA")
+    p.add_argument("--views", nargs="+", choices=("none",) + dataloader.TTA_VIEWS,
+                   help="only these (default: none and every --tta-views choice)")
     a = p.parse_args(argv)
     device = torch.device("cpu")
-    views = ("none",) + dataloader.TTA_VIEWS
+    views = tuple(a.views or ("none",) + dataloader.TTA_VIEWS)
     every = [held_out_probs(path, device, views, a.raw) for path in a.checkpoints]
     for path, res in zip(a.checkpoints, every):
         for v in views:
             print(line(f"{path} [{v}]", res[v][0], res[v][1]))
     if len(every) > 1:
-        if len({res["none"][2] for res in every}) > 1:
+        if len({res[views[0]][2] for res in every}) > 1:
             sys.exit("error: these runs held out different rows: no vote over them")
         for v in views:
             print(line(f"soft vote of {len(every)} [{v}]", sum(res[v][0] for res in every) / len(every),
