@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import dataloader
 from engine import runtime, trainstep
 from engine.errors import UserError
 from engine.runtime import log
@@ -156,20 +157,21 @@ def _size_epochs(run, started):
         trainstep.step(trial, x, y)
         runtime.sync(device)
     step_s = seconds_each(train_step, 8)
-    views = 1 if not cfg["tta"] else 2 if cfg["tta_views"] == "flip" else 4  # at the end (and each epoch unless last)
     ex, _, _ = next(run.val_batches.batches(run.val_batches.plan()))
     ex = ex.contiguous(memory_format=torch.channels_last) if s.channels_last else ex
+    # the views judged at the end (and each epoch unless --select last), as inference makes them
+    views = dataloader.tta_views(ex, cfg["tta_views"]) if cfg["tta"] else [ex]
     trial.raw.eval()
 
     @torch.inference_mode()
     def evaluate():
         with torch.autocast(device.type, dtype=s.amp, enabled=s.amp is not None):
-            for _ in range(views):
-                trial.model(ex)
+            for v in views:
+                trial.model(v)
         runtime.sync(device)
     eval_s = seconds_each(evaluate, 4) / len(ex)  # per image, all views
     judged = run.val_batches.n + (run.holdout_batches.n if run.holdout_batches is not None else 0)
-    judging_s = judged * eval_s / (views if cfg["select"] == "last" else 1)  # each epoch's, TTA where it decides
+    judging_s = judged * eval_s / (len(views) if cfg["select"] == "last" else 1)  # each epoch's, TTA where it decides
     epoch_s = len(tr) * step_s + judging_s
     end_s = (run.val_batches.n + run.test_batches.n) * eval_s + END_S
     epochs = fit_epochs(cfg["minutes"] * 60, time.time() - started, epoch_s, end_s)

@@ -197,8 +197,8 @@ def set_up(cfg, given, resume, checked=None):
     run = Run(state, tr, va, held, te, run_dir)
     if ckpt is not None:
         state.load_state_dict(ckpt, path)
+        state.loss_fn = loss.make_loss(cfg, loss.class_weights(cfg, device, state.recall))  # the recall it had
         log(f"resuming {run_dir} at epoch {state.epoch + 1}" + (f", step {state.step + 1}" if state.step else ""))
-    state.loss_fn = loss.make_loss(cfg, loss.class_weights(cfg, device, state.recall))  # the recall a resumed run had
     if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
         cfg["epochs"] = budget.size_epochs(run, started)
         state.sched = optim.make_scheduler(cfg, state.opt, len(tr))
