@@ -81,7 +81,7 @@ DEFAULTS = dict(
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
     class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, tta_views="flip_rotate", rotate=15.0,
-    shift=0, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
+    shift=0, whiten=False, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
@@ -164,6 +164,9 @@ def resolve_config(args):
     if cfg["optimizer"] == "muon" and cfg["model"] == "ensemble":
         raise UserError("--optimizer muon steps the weights of convolutions, and --model ensemble trains none (only "
                         "the blend of its frozen bases): use --optimizer adam or adamw")
+    if cfg["whiten"] and cfg["model"] == "ensemble":
+        raise UserError("--whiten makes a model's first convolution a frozen whitening, and --model ensemble trains "
+                        "none (only the blend of its frozen bases): leave --whiten out")
     if cfg["minutes"] and args.epochs is not None and not args.resume:
         raise UserError(f"--minutes {cfg['minutes']:g} chooses the epochs that fit: give --minutes or --epochs, not both")
     if cfg["class_weights"] and cfg["class_weights"] != "auto":
