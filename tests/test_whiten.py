@@ -9,7 +9,7 @@ import dataloader
 import dataset
 import models
 from conftest import base_args
-from engine import loss, train, whiten
+from engine import loss, recipes, train, whiten
 
 
 def test_the_filters_turn_correlated_patches_into_uncorrelated_ones_of_unit_variance():
@@ -62,6 +62,15 @@ def test_a_whitened_run_steps_all_but_its_first_convolution_and_resumes_exactly(
     assert rc == 0, err
     b = torch.load(cut / "runs" / "r" / "last.pth", weights_only=True)
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
+def test_both_loaders_give_the_same_unaugmented_training_images(tiny_data, tmp_path):
+    cfg = {**recipes.DEFAULTS, "data_dir": tiny_data, "cache_dir": str(tmp_path), "batch_size": 4, "rotate": 15.0}
+    by = {kind: dataloader.loaders_for({**cfg, "loader": kind}, "cpu", ["train"], "train")["train"]
+          for kind in ("tensors", "images")}
+    assert type(by["images"]).__name__ == "ImageBatches"
+    a, b = (whiten.training_images(by[kind], n=10) for kind in ("tensors", "images"))
+    assert a.shape == (10, 3, 100, 100) and torch.allclose(a, b, atol=1e-5)
 
 
 def test_whiten_with_the_ensemble_is_one_line(tiny_data, tmp_path, run_main):

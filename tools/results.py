@@ -69,6 +69,9 @@ PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs|beside"
 # leads with its single models, then its votes. Its earlier forms are named "short, first form (...)",
 # "short, second form (...)".
 CURRENT = re.compile(r"^short(,(?! \w+ form)|$)")
+# The preset with its first layer a frozen whitening (--whiten, "short --whiten, --minutes 15"): new rows, which
+# lead the README's table with the current recipe's.
+WHITENED = re.compile(r"^short --whiten(,|$)")
 
 
 def summary_table(rows, whole_best_first=None):
@@ -79,7 +82,7 @@ def summary_table(rows, whole_best_first=None):
     if whole_best_first:
         keep = [k for k in groups if not PART_RUN.search(k[2]) and any(r["val_acc"] for r in groups[k])]
         mean = lambda k: statistics.mean(float(r["val_acc"]) for r in groups[k] if r["val_acc"])  # noqa: E731
-        current = lambda k: bool(CURRENT.search(k[2]))  # noqa: E731
+        current = lambda k: bool(CURRENT.search(k[2]) or WHITENED.search(k[2]))  # noqa: E731
         keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], mean(k)), reverse=True)
         groups = {k: groups[k] for k in keep[:whole_best_first]}
     out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
@@ -128,7 +131,8 @@ def results_md(rows):
 
 def curve_series(rows):
     """The curve's points, (minutes, validation %, label) per series, from whole runs on the real data on
-    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), ThreeCNN under it,
+    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), the same with --whiten,
+    ThreeCNN under it,
     and the report's ThreeCNN recipe, the reference."""
     def points(keep):
         return sorted((float(r["minutes"]), float(r["val_acc"]), label(r)) for r in rows
@@ -141,6 +145,8 @@ def curve_series(rows):
                         and "holdout" not in r["command"])
     return {
         "ResCNN, --preset short (ours)": points(lambda r: r["model"] == "res" and bool(CURRENT.search(r["recipe"]))
+                                                  and single(r)),
+        "ResCNN, --preset short --whiten": points(lambda r: r["model"] == "res" and bool(WHITENED.search(r["recipe"]))
                                                   and single(r)),
         "ThreeCNN, --preset short": points(lambda r: r["model"] == "three" and bool(CURRENT.search(r["recipe"]))
                                            and single(r)),
@@ -155,7 +161,7 @@ def plot_curve(rows, path=CURVE):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for (name, pts), marker in zip(curve_series(rows).items(), "osD"):
+    for (name, pts), marker in zip(curve_series(rows).items(), "o^sD"):
         if not pts:
             continue
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="", alpha=0.5)[0]
