@@ -57,6 +57,24 @@ def run_main(capsys):
     return run
 
 
+def stop_at_loss(monkeypatch, n):
+    """The run asked to stop (as by SIGTERM) at its n-th loss, inside its n-th step; monkeypatch.undo() ends it."""
+    import signal
+    from engine import loss, train
+    make_loss, calls = loss.make_loss, [0]
+
+    def make_stopping_loss(cfg, weights=None):
+        inner = make_loss(cfg, weights)
+
+        def stop_then_loss(out, target):
+            calls[0] += 1
+            if calls[0] == n:
+                train.Stop.signal = signal.SIGTERM
+            return inner(out, target)
+        return stop_then_loss
+    monkeypatch.setattr(loss, "make_loss", make_stopping_loss)
+
+
 def run_cli(argv, **kw):
     """Run `python main.py ...` in a subprocess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, argv)], capture_output=True,

@@ -4,7 +4,6 @@ and runs sized to a time budget (--minutes)."""
 import csv
 import json
 import re
-import signal
 import time
 import types
 
@@ -14,12 +13,11 @@ import torch
 from engine import budget
 import dataloader
 import main
-from engine import loss
 from engine import optim
 from engine.ema import make_ema
 from engine import recipes
 from engine import train
-from conftest import base_args
+from conftest import base_args, stop_at_loss
 
 from tools import judge_holdout
 
@@ -70,18 +68,7 @@ def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(optimizer, 
              "--optimizer", optimizer, "--amp", "bf16", "--channels-last")  # no timing steps: they count as losses
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_main(base_args(tiny_data, ref, *flags))[0] == 0
-    make_loss, calls = loss.make_loss, [0]
-
-    def loss_that_stops_at_step_6(cfg, weights=None):
-        inner = make_loss(cfg, weights)
-
-        def loss(out, target):
-            calls[0] += 1
-            if calls[0] == 6:  # epoch 2, step 2 of 4
-                train.Stop.signal = signal.SIGTERM
-            return inner(out, target)
-        return loss
-    monkeypatch.setattr(loss, "make_loss", loss_that_stops_at_step_6)
+    stop_at_loss(monkeypatch, 6)  # epoch 2, step 2 of 4
     assert run_main(base_args(tiny_data, cut, *flags))[0] == 143
     saved = torch.load(cut / "runs" / "r" / "last.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 2)

@@ -1,15 +1,13 @@
 """--whiten (engine/whiten.py): the first convolution's filters whiten the training images' patches, stay frozen
 through a run and its resume, and are refused where there is nothing to whiten."""
-import signal
-
 import torch
 import torch.nn.functional as F
 
 import dataloader
 import dataset
 import models
-from conftest import base_args
-from engine import loss, recipes, train, whiten
+from conftest import base_args, stop_at_loss
+from engine import recipes, whiten
 
 
 def test_the_filters_turn_correlated_patches_into_uncorrelated_ones_of_unit_variance():
@@ -43,19 +41,7 @@ def test_a_whitened_run_steps_all_but_its_first_convolution_and_resumes_exactly(
     assert torch.equal(a["state_dict"]["features.0.weight"].contiguous(), expected)  # not stepped, not decayed
     start = models.build_model("res").state_dict()
     assert not torch.equal(a["state_dict"]["features.3.body.0.weight"], start["features.3.body.0.weight"])
-
-    make_loss, calls = loss.make_loss, [0]
-
-    def loss_that_stops_at_step_6(cfg, weights=None):
-        inner = make_loss(cfg, weights)
-
-        def stop_then_loss(out, target):
-            calls[0] += 1
-            if calls[0] == 6:  # epoch 2, step 2 of 4
-                train.Stop.signal = signal.SIGTERM
-            return inner(out, target)
-        return stop_then_loss
-    monkeypatch.setattr(loss, "make_loss", loss_that_stops_at_step_6)
+    stop_at_loss(monkeypatch, 6)  # epoch 2, step 2 of 4
     assert run_main(base_args(tiny_data, cut, *flags))[0] == 143
     monkeypatch.undo()
     rc, out, err = run_main(["--resume", cut / "runs" / "r"])
