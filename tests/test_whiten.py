@@ -14,7 +14,7 @@ def test_the_filters_turn_correlated_patches_into_uncorrelated_ones_of_unit_vari
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(60, 3, 40, 40, generator=gen)
     mix = torch.tensor([[1.0, 0.5, 0.2], [0.3, 1.0, 0.1], [0.0, 0.4, 1.0]])  # colours alike, as in photographs
-    images = F.avg_pool2d(torch.einsum("oc,nchw->nohw", mix, noise), 3, stride=1) * 20 + 1  # neighbours alike, an offset
+    images = F.avg_pool2d(torch.einsum("oc,nchw->nohw", mix, noise), 3, stride=1) * 20 + 1  # neighbours alike
     filters = whiten.whitening_filters(images, (3, 3), 60)
     out = F.conv2d(images, filters).transpose(0, 1).reshape(60, -1).double()
     cov = torch.cov(out[:27])  # (directions of variance much above whiten.EPS)

@@ -131,9 +131,8 @@ def results_md(rows):
 
 def curve_series(rows):
     """The curve's points, (minutes, validation %, label) per series, from whole runs on the real data on
-    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), the same with --whiten,
-    ThreeCNN under it,
-    and the report's ThreeCNN recipe, the reference."""
+    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), the same with
+    --whiten, ThreeCNN under it, and the report's ThreeCNN recipe, the reference."""
     def points(keep):
         return sorted((float(r["minutes"]), float(r["val_acc"]), label(r)) for r in rows
                       if r["machine"] == CURVE_MACHINE and r["minutes"] and r["val_acc"] and keep(r))
