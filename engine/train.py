@@ -187,8 +187,8 @@ def set_up(cfg, given, resume, checked=None):
         folders.check_resume_data(ckpt, data_rows, cfg, path)
     tr, va, held, te = load_data(cfg, device, data)
     raw = build_model(cfg).to(device)
-    if cfg["whiten"]:  # before the optimizer is made: it steps only what is not frozen (a resume then loads the same)
-        whiten.whiten_first_conv(raw, tr)
+    if cfg["whiten"]:  # before the optimizer is made: it steps only what is not frozen (a resume loads the filters)
+        whiten.whiten_first_conv(raw, tr if ckpt is None else None)
     budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
     state = build(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device), len(tr),
                   gen=gen, data_rows=data_rows)

@@ -63,14 +63,14 @@ def whitening_filters(images, kernel_size, out_channels):
 
 
 @torch.no_grad()
-def whiten_first_conv(model, batches):
-    """Sets the model's first convolution to the whitening of `batches`' images (the training split) and freezes
-    it (a bias, if it has one, is zero and frozen too: the BatchNorm after it holds the offset)."""
+def whiten_first_conv(model, batches=None):
+    """Freezes the model's first convolution and, given `batches` (the training split), sets it to the whitening
+    of their images (a bias, if it has one, is zero: the BatchNorm after it holds the offset). A resumed run
+    gives none: its checkpoint holds the filters, so they are not computed again only to be overwritten."""
     conv = first_conv(model)
-    images = training_images(batches)
-    conv.weight.copy_(whitening_filters(images, conv.kernel_size, conv.out_channels))
-    conv.weight.requires_grad_(False)
-    if conv.bias is not None:
-        conv.bias.zero_()
-        conv.bias.requires_grad_(False)
+    if batches is not None:
+        conv.weight.copy_(whitening_filters(training_images(batches), conv.kernel_size, conv.out_channels))
+        if conv.bias is not None:
+            conv.bias.zero_()
+    conv.requires_grad_(False)
     return conv
