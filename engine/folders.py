@@ -173,9 +173,7 @@ def start_log(run, resumed):
     """config.json, the log (a resumed run continues its own; rows past the checkpoint are dropped), and the
     lines that say what trains where."""
     cfg, device, amp = run.state.cfg, run.state.device, run.state.amp
-    cfg_out = {**cfg, "device_name": runtime.device_name(device), "amp_dtype": str(amp),
-               "world_size": runtime.WORLD, "torch": torch.__version__}
-    checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
+    write_config(run)
     write_log(run.log_csv, kept_log_rows(run.log_csv, run.state.epoch) if resumed else [])
     for note in (runtime.device_note(cfg, device), runtime.precision_note(cfg, device, amp)):
         if note:
@@ -185,6 +183,14 @@ def start_log(run, resumed):
         f"parameters) on {runtime.device_name(device)}, precision {precision}"
         f"{' channels_last' if run.state.channels_last else ''}, {runtime.WORLD} process(es), loader "
         f"{type(run.train_batches).__name__}")
+
+
+def write_config(run):
+    """config.json: the run's settings, and where and how it trains."""
+    cfg, device = run.state.cfg, run.state.device
+    cfg_out = {**cfg, "device_name": runtime.device_name(device), "amp_dtype": str(run.state.amp),
+               "world_size": runtime.WORLD, "torch": torch.__version__}
+    checkpoint.atomic_write_text(os.path.join(run.run_dir, "config.json"), json.dumps(cfg_out, indent=2))
 
 
 def write_log(path, rows):

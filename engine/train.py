@@ -34,6 +34,8 @@ class Run:
     test_batches: object
     run_dir: str
     t0: float = 0.0  # when the epoch began
+    started: float = 0.0  # when the run (this process) began
+    end_s: float = None  # --minutes: the seconds set aside for the end of the run; None: the run is not re-sized
     phase: str = "train"  # "train" or "validate": which ran out of GPU memory, if one does
 
     @property
@@ -197,13 +199,13 @@ def set_up(cfg, given, resume, checked=None):
     if runtime.RANK == 0:
         folders.check_output(cfg, run_dir, raw)
     machine_notes(cfg, device)
-    run = Run(state, tr, va, held, te, run_dir)
+    run = Run(state, tr, va, held, te, run_dir, started=started)
     if ckpt is not None:
         state.load_state_dict(ckpt, path)
         state.loss_fn = loss.make_loss(cfg, loss.class_weights(cfg, device, state.recall))  # the recall it had
         log(f"resuming {run_dir} at epoch {state.epoch + 1}" + (f", step {state.step + 1}" if state.step else ""))
     if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
-        cfg["epochs"] = budget.size_epochs(run, started)
+        cfg["epochs"], run.end_s = budget.size_epochs(run, started)
         state.sched = optim.make_scheduler(cfg, state.opt, len(tr))
     if runtime.RANK == 0:
         folders.start_log(run, ckpt is not None)
@@ -321,8 +323,12 @@ def end_of_epoch(run):
     n = s.partial[2].item()
     row = dict(epoch=s.epoch, lr=lr, train_loss=s.partial[0].item() / n, train_acc=s.partial[1].item() / n,
                val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
+    resized = (s.epoch == 1 and run.end_s is not None  # sized by --minutes in this process, now from a real epoch
+               and budget.resize_after_first_epoch(run, row["seconds"], time.time() - run.started, run.end_s))
     s.finished = s.bad_epochs >= cfg["early_stop"] or s.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
+        if resized:
+            folders.write_config(run)
         if improved:
             folders.save_state(run, os.path.join(run.run_dir, "best.pth"))
         folders.save_state(run, run.last)

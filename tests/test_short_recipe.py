@@ -17,6 +17,7 @@ from engine import optim
 from engine.ema import make_ema
 from engine import recipes
 from engine import train
+from engine import trainstep
 from conftest import base_args, stop_at_loss
 
 from tools import judge_holdout
@@ -130,35 +131,70 @@ def test_the_step_timing_takes_its_fastest_window(monkeypatch):
     assert len(costs) == 100 - 16  # 4 disturbed calls fill a window of 10/3 s; two more windows of 8 calls
 
 
-def test_minutes_picks_the_epochs_once_and_trains_as_that_many_epochs_would(tiny_data, tmp_path, run_main,
-                                                                             monkeypatch):
-    """The timing runs a real step on a copy: the run's weights and random state are untouched, so a run sized to 4
-    epochs is the run of --epochs 4; the choice is saved, and a resume keeps it."""
+def run_clock(monkeypatch, step_s):
+    """The run's clock (train.py's and budget.py's) moves only with training steps, step_s seconds each."""
+    clock = [0.0]
+    fake = types.SimpleNamespace(time=lambda: clock[0], perf_counter=time.perf_counter)
+    monkeypatch.setattr(train, "time", fake)
+    monkeypatch.setattr(budget, "time", fake)
+    real_step = trainstep.step
+
+    def step(state, x, y):
+        clock[0] += step_s
+        return real_step(state, x, y)
+    monkeypatch.setattr(trainstep, "step", step)
+
+
+def test_minutes_sizes_the_run_then_again_from_its_first_epoch_as_that_many_epochs_would_train(
+        tiny_data, tmp_path, run_main, monkeypatch):
+    """The timing runs a real step on a copy: the run's weights and random state are untouched. It reads the step
+    three times slower than it is, so the run is sized too short; after its first epoch (whose rates, a warmup of
+    one epoch, do not depend on the number) it is sized again from what that epoch took: the run is then the run
+    of --epochs N. The number is saved, and a resume keeps it."""
+    run_clock(monkeypatch, 10.0)  # 10 s a step, 2 steps an epoch: 20 s
     calls = []
 
-    def timed(fn, steps):  # one real call; then 10 s a training step (2 steps an epoch here), 0 for evaluation
+    def timed(fn, steps):  # one real call (10 s on the clock); then 30 s a training step, 0 for evaluation
         fn()
         calls.append(steps)
-        return 10.0 if steps == 8 else 0.0
+        return 30.0 if steps == 8 else 0.0
     monkeypatch.setattr(budget, "seconds_each", timed)
-    flags = ("--scheduler", "linear", "--warmup", "1", "--ema", "0.9", "--deterministic", "--select", "last")
-    sized = base_args(tiny_data, tmp_path / "a", "--minutes", "2", *flags)
+    flags = ("--scheduler", "linear", "--warmup", "1", "--ema", "0.9", "--deterministic", "--select", "last",
+             "--amp", "off", "--no-channels-last")
+    sized = base_args(tiny_data, tmp_path / "a", "--minutes", "3", *flags)
     del sized[sized.index("--epochs"):sized.index("--epochs") + 2]
     rc, out, err = run_main(sized)
     assert rc == 0, err
-    # (120 s x 0.92 - 20 s for the end - the seconds set up took) / 20 s an epoch: 4 epochs, 3 on a busy machine
-    fitted = re.search(r"--minutes 2: an epoch takes ~20 s here \(2 steps.*: (\d) epochs", out)
-    assert calls == [8, 4] and fitted and int(fitted[1]) in (3, 4), out
-    n = int(fitted[1])
+    # before: (180 s x 0.92 - 10 s the trial step took - 20 s for the end) / 60 s an epoch: 2 epochs;
+    # after the first: 1 + (165.6 - 30 s so far - 20) / 20 s it took: 6 epochs
+    assert calls == [8, 4] and "--minutes 3: an epoch takes ~60 s here (2 steps at 0 img/s" in out
+    assert ": 2 epochs (saved with the run" in out, out
+    assert "--minutes 3: the first epoch took 20 s: 6 epochs in all, not 2 (saved with the run)" in out
     run = tmp_path / "a" / "runs" / "r"
-    assert json.load(open(run / "config.json"))["epochs"] == n and len(open(run / "log.csv").readlines()) == n + 1
-    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", str(n), *flags))[0] == 0
+    assert json.load(open(run / "config.json"))["epochs"] == 6 and len(open(run / "log.csv").readlines()) == 7
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "6", *flags))[0] == 0
     a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["config"]["epochs"] == 6 and a["optimizer"]["param_groups"][0]["lr"] == 0  # decayed to zero at its end
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     rc, out, _ = run_main(["--resume", run])
-    assert rc == 0 and f"already finished (epoch {n} of --epochs {n}" in out
+    assert rc == 0 and "already finished (epoch 6 of --epochs 6" in out
     rc, _, err = run_main(base_args(tiny_data, tmp_path / "c", "--minutes", "2", "--epochs", "3"))
     assert rc == 2 and "give --minutes or --epochs, not both" in err
+
+
+def test_a_run_sized_again_keeps_its_number_where_the_schedule_already_depends_on_it(tiny_data, tmp_path, run_main,
+                                                                                       monkeypatch):
+    """Without a warmup the linear rate falls from the first step over the number planned: changing it after the
+    first epoch would bend the schedule, so the first sizing stands."""
+    run_clock(monkeypatch, 10.0)
+    monkeypatch.setattr(budget, "seconds_each", lambda fn, steps: (fn(), 30.0 if steps == 8 else 0.0)[1])
+    sized = base_args(tiny_data, tmp_path, "--minutes", "3", "--scheduler", "linear", "--warmup", "0", "--amp", "off",
+                      "--no-channels-last")
+    del sized[sized.index("--epochs"):sized.index("--epochs") + 2]
+    rc, out, err = run_main(sized)
+    assert rc == 0, err
+    assert ": 2 epochs (saved with the run" in out and "the first epoch took" not in out
+    assert len(open(tmp_path / "runs" / "r" / "log.csv").readlines()) == 3
 
 
 def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_over_its_12():
