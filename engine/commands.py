@@ -8,7 +8,7 @@ import os
 import dataloader
 import dataset
 import models
-from engine import checkpoint, demo_data, folders, inference, report, runtime
+from engine import checkpoint, demo_data, folders, inference, report, runtime, whiten
 from engine.errors import UserError
 from engine.runtime import log
 
@@ -45,6 +45,8 @@ def summary(cfg):
     """The model's layer table (torchsummary) and its trainable parameters."""
     from torchsummary import summary as layer_table
     model = models.build_model(cfg["model"])
+    if cfg["whiten"]:  # its first convolution frozen (its filters need the data; the count does not)
+        whiten.whiten_first_conv(model)
     layer_table(model, (3, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE), device="cpu")
     print(f"trainable parameters: {models.count_params(model, True):,}")
     return 0
