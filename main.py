@@ -97,7 +97,8 @@ def add_recipe_flags(r):
     r.add_argument("--shift", type=int, metavar="PIXELS", help="training images moved by up to this many whole pixels "
                    "on each axis, zero fill (0 = none, the report's)")
     r.add_argument("--whiten", action=argparse.BooleanOptionalAction, help="the first convolution a frozen "
-                   "whitening of the training images' 3x3 patches, computed before the first step (engine/whiten.py)")
+                   "whitening of the training images' 3x3 patches, computed before the first step (engine/whiten.py); "
+                   "on by default for --model res")
     r.add_argument("--seed", type=int)
 
 

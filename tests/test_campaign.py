@@ -55,6 +55,11 @@ def test_res_trains_with_the_short_recipe_by_default_and_strong_on_request():
     assert strong["scheduler"] == "warmup_cosine" and strong["ema"] == 0.999 and strong["epochs"] == 100
     three, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))
     assert three["preset"] == "report" and three["optimizer"] == "adam" and three["select"] == "val"
+    assert cfg["whiten"] and strong["whiten"] and not three["whiten"]  # ResCNN's own first layer; ThreeCNN's trained
+    trained, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--no-whiten"]))
+    assert not trained["whiten"] and trained["preset"] == "short"
+    three_short, _ = recipes.resolve_config(main.parse_args(["--model", "three", "--preset", "short"]))
+    assert not three_short["whiten"]
 
 
 @pytest.mark.parametrize("flags,expect", [

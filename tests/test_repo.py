@@ -56,11 +56,11 @@ def test_readmes_table_leads_with_the_current_recipe_its_votes_then_the_best_of_
     rows = [row("short, first form (AdamW over 32 epochs)", "95.0"), row("short", "93.0"), row("short", "93.4", "1"),
             row("report", "94.0"), row("short, second form (Muon)", "94.5"), row("screening, 8 epochs: x", "99.0"),
             row("short, --minutes 30", "92.0"), row("short, soft vote of 2 seeds", "94.0"),
-            row("short --whiten, --minutes 15", "93.5")]
+            row("short, third form (first layer trained), --minutes 15", "94.8")]
     table = results.summary_table(rows, whole_best_first=6)[2:]
     assert [line.split(" | ")[1] for line in table] == [
-        "short --whiten, --minutes 15", "short", "short, --minutes 30", "short, soft vote of 2 seeds",
-        "short, first form (AdamW over 32 epochs)", "short, second form (Muon)"]
+        "short", "short, --minutes 30", "short, soft vote of 2 seeds", "short, first form (AdamW over 32 epochs)",
+        "short, third form (first layer trained), --minutes 15", "short, second form (Muon)"]
 
 
 def test_the_time_to_accuracy_curve_takes_whole_single_runs_on_its_cpu_and_draws_them(tmp_path):
@@ -74,10 +74,11 @@ def test_the_time_to_accuracy_curve_takes_whole_single_runs_on_its_cpu_and_draws
             row("short", "91.0", "20", command="python main.py --model res --holdout 0.1"),
             row("short, first form (AdamW over 32 epochs)", "93.5", "70"), row("report", "91.9", "228", "three"),
             row("short", "90.0", "12", "three"),
-            row("short --whiten, --minutes 15", "94.1", "14", command="x --minutes 15 --whiten")]
+            row("short, third form (first layer trained), --minutes 15", "94.1", "14",
+                command="x --minutes 15 --no-whiten")]
     series = results.curve_series(rows)
     assert series["ResCNN, --preset short (ours)"] == [(14.5, 93.0, "--minutes 15"), (31.0, 94.0, "12 epochs")]
-    assert series["ResCNN, --preset short --whiten"] == [(14.0, 94.1, "--minutes 15")]
+    assert series["ResCNN, --preset short --no-whiten"] == [(14.0, 94.1, "--minutes 15")]
     assert series["ThreeCNN, --preset short"] == [(12.0, 90.0, "12 epochs")]
     assert series["ThreeCNN, the report's recipe"] == [(228.0, 91.9, "12 epochs")]
     results.plot_curve(rows, str(tmp_path / "c.png"))

@@ -150,9 +150,9 @@ def test_summary_needs_no_data(run_main):
     assert rc == 0 and "Total params: 691,781" in out
     rc, out, _ = run_main(["--model", "ensemble", "--summary"])
     assert rc == 0 and "trainable parameters: 727" in out
-    rc, out, _ = run_main(["--model", "res", "--summary", "--whiten"])  # the frozen stem: 3 x 32 x 3 x 3 weights
+    rc, out, _ = run_main(["--model", "res", "--summary"])  # whitened by default: a frozen stem of 32 x 3 x 3 x 3
     assert rc == 0 and "trainable parameters: 1,957,957" in out and "Trainable params: 1,957,957" in out
-    rc, out, _ = run_main(["--model", "res", "--summary"])
+    rc, out, _ = run_main(["--model", "res", "--summary", "--no-whiten"])
     assert rc == 0 and "trainable parameters: 1,958,821" in out
 
 

@@ -44,6 +44,7 @@ from engine import optim
 from engine import recipes
 from engine import runtime
 from engine import trainstep
+from engine import whiten
 from engine.state import build
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; --peak-tflops overrides.
@@ -95,6 +96,8 @@ def run_steps(state, loader, gen):
 def run_state(name, model, device, amp, steps_per_epoch, compile=False, channels_last=True):
     """The training state main.py builds for --model name with its own recipe (channels_last unless told)."""
     cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
+    if cfg["whiten"]:  # frozen, as the run trains it (its filters do not change the time)
+        whiten.whiten_first_conv(model)
     return build(cfg, model, device, amp, channels_last, steps_per_epoch, compile=compile, ddp=False)
 
 
@@ -173,6 +176,8 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             labels = torch.zeros(len(data), dtype=torch.long)
             data_mib = mem.now / 2**20
             model = models.build_model(name)  # channels_last: same sizes (FakeTensorMode cannot convert modules)
+            if cfg["whiten"]:  # frozen as the run trains it: no gradient for its weights
+                whiten.whiten_first_conv(model)
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
             chunk = dataloader.chunk_steps(batch, "cuda")  # augmented as on the GPU: several steps' images at once
             state = build({**cfg, "ema": 0.0}, model, cpu, amp, False, 100, compile=False, ddp=False)

@@ -67,11 +67,10 @@ def groups_of(rows):
 PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs|beside")
 # The recipe `python main.py --model res` trains now ("short", and its votes and time budgets): README's table
 # leads with its single models, then its votes. Its earlier forms are named "short, first form (...)",
-# "short, second form (...)".
+# "short, second form (...)", "short, third form (...)".
 CURRENT = re.compile(r"^short(,(?! \w+ form)|$)")
-# The preset with its first layer a frozen whitening (--whiten, "short --whiten, --minutes 15"): new rows, which
-# lead the README's table with the current recipe's.
-WHITENED = re.compile(r"^short --whiten(,|$)")
+# Its third form, the preset before ResCNN's first layer became a frozen whitening (--no-whiten): a curve of its own.
+THIRD = re.compile(r"^short, third form")
 
 
 def summary_table(rows, whole_best_first=None):
@@ -82,7 +81,7 @@ def summary_table(rows, whole_best_first=None):
     if whole_best_first:
         keep = [k for k in groups if not PART_RUN.search(k[2]) and any(r["val_acc"] for r in groups[k])]
         mean = lambda k: statistics.mean(float(r["val_acc"]) for r in groups[k] if r["val_acc"])  # noqa: E731
-        current = lambda k: bool(CURRENT.search(k[2]) or WHITENED.search(k[2]))  # noqa: E731
+        current = lambda k: bool(CURRENT.search(k[2]))  # noqa: E731
         keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], mean(k)), reverse=True)
         groups = {k: groups[k] for k in keep[:whole_best_first]}
     out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
@@ -131,8 +130,8 @@ def results_md(rows):
 
 def curve_series(rows):
     """The curve's points, (minutes, validation %, label) per series, from whole runs on the real data on
-    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), the same with
-    --whiten, ThreeCNN under it, and the report's ThreeCNN recipe, the reference."""
+    CURVE_MACHINE: the current recipe's single models (--minutes N, and its fixed 12 epochs), its third form (the
+    first layer trained), ThreeCNN under it, and the report's ThreeCNN recipe, the reference."""
     def points(keep):
         return sorted((float(r["minutes"]), float(r["val_acc"]), label(r)) for r in rows
                       if r["machine"] == CURVE_MACHINE and r["minutes"] and r["val_acc"] and keep(r))
@@ -145,8 +144,8 @@ def curve_series(rows):
     return {
         "ResCNN, --preset short (ours)": points(lambda r: r["model"] == "res" and bool(CURRENT.search(r["recipe"]))
                                                   and single(r)),
-        "ResCNN, --preset short --whiten": points(lambda r: r["model"] == "res" and bool(WHITENED.search(r["recipe"]))
-                                                  and single(r)),
+        "ResCNN, --preset short --no-whiten": points(lambda r: r["model"] == "res" and bool(THIRD.search(r["recipe"]))
+                                                     and single(r)),
         "ThreeCNN, --preset short": points(lambda r: r["model"] == "three" and bool(CURRENT.search(r["recipe"]))
                                            and single(r)),
         "ThreeCNN, the report's recipe": points(lambda r: r["model"] == "three" and r["recipe"] == "report"),
