@@ -195,7 +195,7 @@ def resize_after_first_epoch(run, epoch_s, elapsed_s, end_s):
     or the plateau schedule). Why: the timing before the start steps a fresh copy of the model for a few seconds,
     and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8% slower than the epochs then ran
     (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted 5 epochs where 6 take 13
-    minutes. A real epoch is the better measure. The schedule is rebuilt over the new number and continues
+    minutes. A real epoch is the better measure (a later run's first epoch took 132 s itself, and 5 stood). The schedule is rebuilt over the new number and continues
     from its step, so the run is the one --epochs N would have made. Returns whether the number changed."""
     s = run.state
     cfg = s.cfg
