@@ -3,7 +3,6 @@ augmentation, a run made of them stopped mid-epoch and resumed exactly, the TTA 
 and runs sized to a time budget (--minutes)."""
 import csv
 import json
-import re
 import time
 import types
 
