@@ -189,19 +189,20 @@ def schedule_waits_for_the_first_epoch(cfg):
     return cfg["scheduler"] == "plateau" or (cfg["scheduler"] in ("linear", "warmup_cosine") and cfg["warmup"] >= 1)
 
 
-def resize_after_first_epoch(run, epoch_s, elapsed_s, end_s):
+def resize_after_first_epoch(run, epoch_s):
     """--minutes, once the first epoch has run: the epochs are sized again from what it took (training and its
     evaluations, `epoch_s`), where the schedule has not yet depended on their number (a warmup of an epoch or more,
     or the plateau schedule). Why: the timing before the start steps a fresh copy of the model for a few seconds,
     and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8% slower than the epochs then ran
     (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted 5 epochs where 6 take 13
-    minutes. A real epoch is the better measure (a later run's first epoch took 132 s itself, and 5 stood). The schedule is rebuilt over the new number and continues
-    from its step, so the run is the one --epochs N would have made. Returns whether the number changed."""
+    minutes. A real epoch is the better measure (a later run's first epoch took 132 s itself, and 5 stood). The
+    schedule is rebuilt over the new number and continues from its step, so the run is the one --epochs N would
+    have made. Returns whether the number changed."""
     s = run.state
     cfg = s.cfg
     if not schedule_waits_for_the_first_epoch(cfg):
         return False
-    epochs = 1 + fit_epochs(cfg["minutes"] * 60, elapsed_s, epoch_s, end_s, at_least=0)
+    epochs = 1 + fit_epochs(cfg["minutes"] * 60, time.time() - run.started, epoch_s, run.end_s, at_least=0)
     if epochs == cfg["epochs"]:
         return False
     log(f"--minutes {cfg['minutes']:g}: the first epoch took {epoch_s:.0f} s: {epochs} epochs in all, not "

@@ -324,7 +324,7 @@ def end_of_epoch(run):
     row = dict(epoch=s.epoch, lr=lr, train_loss=s.partial[0].item() / n, train_acc=s.partial[1].item() / n,
                val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
     resized = (s.epoch == 1 and run.end_s is not None  # sized by --minutes in this process, now from a real epoch
-               and budget.resize_after_first_epoch(run, row["seconds"], time.time() - run.started, run.end_s))
+               and budget.resize_after_first_epoch(run, row["seconds"]))
     s.finished = s.bad_epochs >= cfg["early_stop"] or s.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
         if resized:
