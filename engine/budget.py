@@ -5,7 +5,7 @@ each choice is saved with the run's settings, so a resume on the same machine ke
 
     precision, layout: the fastest training step among the candidates the device runs natively
     epochs = (N minutes x MARGIN - setting up - the end of the run) / (an epoch's steps + its evaluations)
-    then, after the first epoch: 1 + (N minutes x MARGIN - time so far - the end) / the first epoch's seconds
+    then, after the first epoch: 1 + (N minutes - time so far - the end) x MEASURED_MARGIN / the first epoch's seconds
 """
 import copy
 import math
@@ -23,6 +23,11 @@ from engine.state import build
 # CPU; and the share of the budget planned for, so that a machine that slows down a little still ends in time.
 END_S = 20
 MARGIN = 0.92
+# Once a real epoch has run, only the time still to come is uncertain: the share of it planned for. On a 2-core
+# CPU with AVX512-BF16 the later epochs of seven whitened ResCNN runs (of 6 and 12 epochs, in docs/results.csv)
+# averaged 0.97-1.04 times their first, so 0.95 of the time left ends in time. With MARGIN on the whole budget
+# instead, --minutes 15 kept 5 epochs of 132 s and ended after 11.8 minutes, where 6 take ~14.3.
+MEASURED_MARGIN = 0.95
 TIMED_S = 10  # time at most this long in all (after 2 untimed steps), in WINDOWS windows
 WINDOWS = 3  # the fastest window counts: whatever else runs on the machine only ever slows a window down (a
 # sizing just after a boot timed 67 img/s in one 10 s window; its epochs then trained at ~90 img/s)
@@ -45,9 +50,9 @@ def seconds_each(fn, steps):
     return fastest
 
 
-def fit_epochs(budget_s, spent_s, epoch_s, end_s, at_least=1):
-    """The whole epochs that fit in what is left of the budget once the end is set aside (at least `at_least`)."""
-    return max(at_least, math.floor((budget_s * MARGIN - spent_s - end_s) / epoch_s))
+def fit_epochs(left_s, epoch_s, at_least=1):
+    """The whole epochs of epoch_s seconds that fit in left_s seconds (at least `at_least`)."""
+    return max(at_least, math.floor(left_s / epoch_s))
 
 
 # ==============================================================================================
@@ -176,7 +181,7 @@ def _size_epochs(run, started):
     judging_s = judged * eval_s / (len(views) if cfg["select"] == "last" else 1)  # each epoch's, TTA where it decides
     epoch_s = len(tr) * step_s + judging_s
     end_s = (run.val_batches.n + run.test_batches.n) * eval_s + END_S
-    epochs = fit_epochs(cfg["minutes"] * 60, time.time() - started, epoch_s, end_s)
+    epochs = fit_epochs(cfg["minutes"] * 60 * MARGIN - (time.time() - started) - end_s, epoch_s)
     log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(tr)} steps at "
         f"{cfg['batch_size'] / step_s:.0f} img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} "
         f"(saved with the run: a resume keeps them)")
@@ -195,14 +200,15 @@ def resize_after_first_epoch(run, epoch_s):
     or the plateau schedule). Why: the timing before the start steps a fresh copy of the model for a few seconds,
     and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8% slower than the epochs then ran
     (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted 5 epochs where 6 take 13
-    minutes. A real epoch is the better measure (a later run's first epoch took 132 s itself, and 5 stood). The
+    minutes. A real epoch is the better measure, and the time left after it is planned with MEASURED_MARGIN. The
     schedule is rebuilt over the new number and continues from its step, so the run is the one --epochs N would
     have made. Returns whether the number changed."""
     s = run.state
     cfg = s.cfg
     if not schedule_waits_for_the_first_epoch(cfg):
         return False
-    epochs = 1 + fit_epochs(cfg["minutes"] * 60, time.time() - run.started, epoch_s, run.end_s, at_least=0)
+    left_s = cfg["minutes"] * 60 - (time.time() - run.started) - run.end_s
+    epochs = 1 + fit_epochs(left_s * MEASURED_MARGIN, epoch_s, at_least=0)
     if epochs == cfg["epochs"]:
         return False
     log(f"--minutes {cfg['minutes']:g}: the first epoch took {epoch_s:.0f} s: {epochs} epochs in all, not "

@@ -114,9 +114,9 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
         judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])
 
 
-def test_fit_epochs_sets_the_end_aside_and_keeps_at_least_one():
-    assert budget.fit_epochs(600, 10, 50, 20) == int((600 * budget.MARGIN - 30) // 50)
-    assert budget.fit_epochs(60, 10, 500, 20) == 1
+def test_fit_epochs_counts_whole_epochs_and_keeps_at_least_one():
+    assert budget.fit_epochs(149.9, 50) == 2 and budget.fit_epochs(150, 50) == 3
+    assert budget.fit_epochs(30, 500) == 1 and budget.fit_epochs(30, 500, at_least=0) == 0
 
 
 def test_the_step_timing_takes_its_fastest_window(monkeypatch):
@@ -165,18 +165,18 @@ def test_minutes_sizes_the_run_then_again_from_its_first_epoch_as_that_many_epoc
     rc, out, err = run_main(sized)
     assert rc == 0, err
     # before: (180 s x 0.92 - 10 s the trial step took - 20 s for the end) / 60 s an epoch: 2 epochs;
-    # after the first: 1 + (165.6 - 30 s so far - 20) / 20 s it took: 6 epochs
+    # after the first: 1 + (180 - 30 s so far - 20) x 0.95 / 20 s it took: 7 epochs (0.92 of the whole: 6)
     assert calls == [8, 4] and "--minutes 3: an epoch takes ~60 s here (2 steps at 0 img/s" in out
     assert ": 2 epochs (saved with the run" in out, out
-    assert "--minutes 3: the first epoch took 20 s: 6 epochs in all, not 2 (saved with the run)" in out
+    assert "--minutes 3: the first epoch took 20 s: 7 epochs in all, not 2 (saved with the run)" in out
     run = tmp_path / "a" / "runs" / "r"
-    assert json.load(open(run / "config.json"))["epochs"] == 6 and len(open(run / "log.csv").readlines()) == 7
-    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "6", *flags))[0] == 0
+    assert json.load(open(run / "config.json"))["epochs"] == 7 and len(open(run / "log.csv").readlines()) == 8
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "7", *flags))[0] == 0
     a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
-    assert a["config"]["epochs"] == 6 and a["optimizer"]["param_groups"][0]["lr"] == 0  # decayed to zero at its end
+    assert a["config"]["epochs"] == 7 and a["optimizer"]["param_groups"][0]["lr"] == 0  # decayed to zero at its end
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     rc, out, _ = run_main(["--resume", run])
-    assert rc == 0 and "already finished (epoch 6 of --epochs 6" in out
+    assert rc == 0 and "already finished (epoch 7 of --epochs 7" in out
     rc, _, err = run_main(base_args(tiny_data, tmp_path / "c", "--minutes", "2", "--epochs", "3"))
     assert rc == 2 and "give --minutes or --epochs, not both" in err
 
