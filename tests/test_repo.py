@@ -63,6 +63,18 @@ def test_readmes_table_leads_with_the_current_recipe_its_votes_then_the_best_of_
         "short, third form (first layer trained), --minutes 15", "short, second form (Muon)"]
 
 
+def test_readmes_table_counts_a_slowed_run_of_fixed_epochs_for_its_accuracy_not_its_minutes():
+    def row(recipe, acc, minutes, seed):
+        return dict(date="2026-12-03", machine="CPU", model="three", recipe=recipe, command="c", seed=seed,
+                    epochs="12", minutes=minutes, val_acc=acc, holdout_acc="", class4_recall="0.85",
+                    selected_on_val="no")
+    rows = [row("short (tests ran beside it: epochs of 191-386 s)", "92.0", "30.0", "0"),
+            row("short", "91.0", "20.0", "1"), row("short", "90.0", "18.0", "2"),
+            row("short, --minutes 15 (tests ran beside it)", "95.0", "16.0", "0")]
+    assert results.summary_table(rows, whole_best_first=6)[2:] == [
+        "| ThreeCNN | short | CPU | 3 | 91.00 ± 1.00 (90.00-92.00) | 0.850 | 12 | 19.0 ± 1.4 (18.0-20.0) | no |"]
+
+
 def test_the_time_to_accuracy_curve_takes_whole_single_runs_on_its_cpu_and_draws_them(tmp_path):
     def row(recipe, acc, minutes, model="res", machine=results.CURVE_MACHINE, command="python main.py --model res"):
         return dict(date="2026-12-03", machine=machine, model=model, recipe=recipe, command=command, seed="0",
