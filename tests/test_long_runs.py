@@ -33,8 +33,9 @@ def data(tmp_path_factory):
 
 
 def args_for(data, tmp, *extra):
+    """The precision and layout given, not timed: on a busy machine --amp auto may choose otherwise in each run."""
     return base_args(data, tmp, "--epochs", "3", "--batch-size", "2", "--deterministic", "--seed", "5",
-                     "--cache-dir", tmp.parent / "cache", *extra)
+                     "--amp", "off", "--no-channels-last", "--cache-dir", tmp.parent / "cache", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -172,12 +172,16 @@ def fake_timings(seconds):
     return time_candidates
 
 
+# A training step's seconds as a bf16 CPU times them (ResCNN at batch 64). Faked wherever a test needs the CPU's own
+# choice: timed for real, a tiny model's steps are noise, and on a busy machine fp32 may win.
+CPU_TIMINGS = {("bf16", False): 0.14, ("bf16", True): 0.11, ("off", False): 0.63, ("off", True): 0.28}
+
+
 def test_auto_takes_the_fastest_candidate_says_so_and_saves_it(tiny_data, tmp_path, run_main, monkeypatch):
     """On a bf16 CPU bf16 wins (timings faked as measured there); the choice and its timings are printed in one line
     and saved with the run, and a resume on the same machine keeps it without timing again."""
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(budget, "time_candidates", fake_timings({("bf16", False): 0.14, ("bf16", True): 0.11,
-                                                                 ("off", False): 0.63, ("off", True): 0.28}))
+    monkeypatch.setattr(budget, "time_candidates", fake_timings(CPU_TIMINGS))
     rc, out, err = run_main(base_args(tiny_data, tmp_path, "--epochs", "1"))
     assert rc == 0, err
     line = next(l for l in out.splitlines() if l.startswith("--amp / --channels-last auto:"))
@@ -281,6 +285,7 @@ def test_a_cpu_run_resumed_on_a_gpu_that_chooses_fp16_starts_a_fresh_scaler(one_
     """Begun on a bf16 CPU (an empty GradScaler state saved), resumed where --amp auto chooses fp16 (a GTX 1650,
     faked: its name, its native precisions and its timings): it goes on in fp16, no traceback."""
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(budget, "time_candidates", fake_timings(CPU_TIMINGS))
     assert run_main(args(one_step_data, tmp_path, "e", "--epochs", "1"))[0] == 0
     assert last(tmp_path, "e")["config"]["chosen"]["amp"] == "bf16"
     gpu = "NVIDIA GeForce GTX 1650 (compute capability 7.5)"
@@ -305,6 +310,7 @@ def test_a_gpu_fp16_run_resumed_on_a_cpu_goes_on_in_the_cpus_own_precision(one_s
         assert run_main(args(one_step_data, tmp_path, "f", "--amp", "fp16", "--epochs", "1"))[0] == 0
     assert last(tmp_path, "f")["scaler"]["scale"] > 1
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(budget, "time_candidates", fake_timings(CPU_TIMINGS))
     rc, out, err = resume(run_main, tmp_path, "f", "--epochs", "2")
     assert rc == 0, err
     assert "was given --amp fp16, which CPU" in out and "goes on as --amp auto chooses" in out
