@@ -19,7 +19,7 @@ from engine import checkpoint, locks, runtime
 from engine.checkpoint import claim_new_path
 from engine.errors import DISK_ERRORS, UserError
 from engine.promote import PROMOTED
-from engine.recipes import DEFAULTS, RESUME_MAY_CHANGE, absolute_paths
+from engine.recipes import DEFAULTS, RESUME_MAY_CHANGE, absolute_paths, stops_early
 from engine.runtime import log
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "holdout_acc", "seconds"]
@@ -129,6 +129,10 @@ def check_resume_data(ckpt, now, cfg, path):
                 f"as they are now")
 
 
+def early_stop(cfg):
+    return "off" if cfg["early_stop"] is None else cfg["early_stop"]
+
+
 def open_resume(cfg, given, resume):
     """The checkpoint to resume, the run's own settings, and what is left to do: 'train', 'finish' (training
     ended but the report and submission were never written: stopped by Ctrl-C or a full disk in between),
@@ -145,7 +149,7 @@ def open_resume(cfg, given, resume):
     todo = "train"
     if ckpt["finished"]:
         limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
-                                         ("--early-stop", ckpt["bad_epochs"] >= cfg["early_stop"])) if hit]
+                                         ("--early-stop", stops_early(cfg, ckpt["bad_epochs"]))) if hit]
         if limits and not os.path.exists(os.path.join(run_dir, "submission.csv")):
             log(f"{path}: the run finished training but not its report and submission: writing them")
             todo = "finish"
@@ -155,13 +159,13 @@ def open_resume(cfg, given, resume):
             todo = "promote"
         elif limits:
             log(f"{path}: this run already finished (epoch {ckpt['epoch']} of --epochs {cfg['epochs']}; "
-                f"{ckpt['bad_epochs']} epochs without gain, --early-stop {cfg['early_stop']}; best val acc "
+                f"{ckpt['bad_epochs']} epochs without gain, --early-stop {early_stop(cfg)}; best val acc "
                 f"{100 * ckpt['best_acc']:.2f}% at epoch {ckpt['best_epoch']}); nothing to do. To train it "
                 f"further, resume with a larger {' and '.join(limits)}")
             todo = "nothing"
         else:
             log(f"{path}: the run had finished at epoch {ckpt['epoch']}; training it further (--epochs "
-                f"{cfg['epochs']}, --early-stop {cfg['early_stop']})")
+                f"{cfg['epochs']}, --early-stop {early_stop(cfg)})")
     return ckpt, cfg, path, run_dir, todo
 
 

@@ -19,6 +19,7 @@ import models
 from engine import (budget, checkpoint, demo_data, folders, inference, loss, optim, promote, report, runtime,
                     trainstep, whiten)
 from engine.errors import UserError, raise_lost_interrupt
+from engine.recipes import stops_early
 from engine.runtime import log
 from engine.state import TrainState, build
 
@@ -141,7 +142,7 @@ def train_run(cfg, given, resume, checked):
                 stopped = end_of_epoch(run)
             if stopped is not None:
                 return stopped
-            if run.state.bad_epochs >= cfg["early_stop"]:
+            if stops_early(cfg, run.state.bad_epochs):
                 log(f"early stop: no better {'held-out' if cfg['select'] == 'holdout' else 'validation'} "
                     f"accuracy for {run.state.bad_epochs} epochs")
                 break
@@ -290,7 +291,8 @@ def epoch_mark(cfg, improved, bad_epochs):
     count towards early stopping."""
     if cfg["select"] == "last":
         return ""
-    return "  *best*" if improved else f"  ({bad_epochs}/{cfg['early_stop']} without gain)"
+    of = "" if cfg["early_stop"] is None else f"/{cfg['early_stop']}"
+    return "  *best*" if improved else f"  ({bad_epochs}{of} without gain)"
 
 
 def end_of_epoch(run):
@@ -325,7 +327,7 @@ def end_of_epoch(run):
                val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
     resized = (s.epoch == 1 and run.end_s is not None  # sized by --minutes in this process, now from a real epoch
                and budget.resize_after_first_epoch(run, row["seconds"]))
-    s.finished = s.bad_epochs >= cfg["early_stop"] or s.epoch >= cfg["epochs"]
+    s.finished = stops_early(cfg, s.bad_epochs) or s.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
         if resized:
             folders.write_config(run)

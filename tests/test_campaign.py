@@ -50,7 +50,7 @@ def test_res_trains_with_the_short_recipe_by_default_and_strong_on_request():
     plain, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--class-weights", "1,1,1,1,1"]))
     assert loss.class_weights(plain, "cpu").tolist() == [1] * 5
     assert cfg["tta"] and cfg["tta_views"] == "flip" and cfg["rotate"] == 0
-    assert cfg["batch_size"] == 64 and cfg["epochs"] == cfg["early_stop"] == 12 and cfg["warmup"] == 1
+    assert cfg["batch_size"] == 64 and cfg["epochs"] == 12 and cfg["early_stop"] is None and cfg["warmup"] == 1
     strong, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--preset", "strong"]))
     assert strong["scheduler"] == "warmup_cosine" and strong["ema"] == 0.999 and strong["epochs"] == 100
     three, _ = recipes.resolve_config(main.parse_args(["--model", "three"]))

@@ -32,10 +32,14 @@ def data(tmp_path_factory):
     return demo_data.build(str(tmp_path_factory.mktemp("long")), {"train": 50, "validation": 20, "test": 10}, seed=2)
 
 
+# Runs compared bit for bit are given their precision and layout, not timed: on a busy machine --amp auto may
+# choose otherwise in each run.
+ONE_PRECISION = ("--amp", "off", "--no-channels-last")
+
+
 def args_for(data, tmp, *extra):
-    """The precision and layout given, not timed: on a busy machine --amp auto may choose otherwise in each run."""
     return base_args(data, tmp, "--epochs", "3", "--batch-size", "2", "--deterministic", "--seed", "5",
-                     "--amp", "off", "--no-channels-last", "--cache-dir", tmp.parent / "cache", *extra)
+                     *ONE_PRECISION, "--cache-dir", tmp.parent / "cache", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +136,8 @@ def test_ctrl_c_and_sigterm_save_mid_epoch_and_the_run_resumes_exactly(data, ref
 def test_same_seed_same_run_different_seed_different_run(tiny_data, tmp_path, run_main):
     sd = []
     for k, seed in enumerate([1, 1, 2]):
-        rc, _, _ = run_main(base_args(tiny_data, tmp_path / str(k), "--epochs", "1", "--seed", seed, "--deterministic"))
+        rc, _, _ = run_main(base_args(tiny_data, tmp_path / str(k), "--epochs", "1", "--seed", seed, "--deterministic",
+                                      *ONE_PRECISION))
         assert rc == 0
         sd.append(torch.load(tmp_path / str(k) / "runs" / "r" / "last.pth", weights_only=True)["state_dict"])
     w = "features.0.weight"
@@ -140,7 +145,7 @@ def test_same_seed_same_run_different_seed_different_run(tiny_data, tmp_path, ru
 
 
 def test_a_finished_run_goes_on_with_a_larger_epochs_as_if_it_had_been_one_run(tiny_data, tmp_path, run_main):
-    flags = ("--deterministic", "--seed", "3")
+    flags = ("--deterministic", "--seed", "3", *ONE_PRECISION)
     assert run_main(base_args(tiny_data, tmp_path / "one", "--epochs", "2", *flags))[0] == 0
     assert run_main(base_args(tiny_data, tmp_path / "two", "--epochs", "1", *flags))[0] == 0
     last = tmp_path / "two" / "runs" / "r" / "last.pth"

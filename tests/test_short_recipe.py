@@ -231,6 +231,23 @@ def test_an_epoch_line_marks_best_and_counts_towards_early_stopping_except_under
     assert train.epoch_mark(cfg, True, 0) == "  *best*"
     assert train.epoch_mark(cfg, False, 3) == "  (3/15 without gain)"
     assert train.epoch_mark({**cfg, "select": "last"}, True, 0) == ""
+    assert train.epoch_mark({**cfg, "early_stop": None}, False, 3) == "  (3 without gain)"
+
+
+def test_the_short_preset_never_stops_early_its_schedule_runs_to_its_end(tiny_data, tmp_path, run_main, monkeypatch):
+    """Judged on held-out rows, a longer run of the preset's linear decay may go many epochs without a better
+    held-out accuracy before its rate comes down (a 24-epoch run went 12): it trains on to its last epoch.
+    --early-stop N, given, still stops it."""
+    monkeypatch.setattr(train, "epoch_mark", lambda cfg, improved, bad: f" bad={bad}")
+    # every epoch judged 50% on both splits: after the first, none is better
+    monkeypatch.setattr(train.inference, "evaluate_split", lambda *a, **k: (1.0, 0.5, [0.5] * 5))
+    flags = ("--preset", "short", "--holdout", "0.2", "--epochs", "14", "--amp", "off", "--no-channels-last")
+    rc, out, err = run_main(base_args(tiny_data, tmp_path / "a", *flags))
+    assert rc == 0, err
+    marks = [line.split()[-1] for line in out.splitlines() if line.startswith("epoch ")]
+    assert marks == [f"bad={n}" for n in range(14)]  # 13 epochs without gain, more than the preset's 12 epochs
+    rc, out, err = run_main(base_args(tiny_data, tmp_path / "b", *flags, "--early-stop", "1"))
+    assert rc == 0 and "early stop: no better held-out accuracy for 1 epochs" in out, err
 
 
 def test_muon_steps_the_conv_weights_as_torch_muon_steps_their_matrices_and_the_rest_as_adamw():
