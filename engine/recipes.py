@@ -61,8 +61,8 @@ RECIPES = {
 #   minutes a run; at 6 epochs (--epochs 6, the 15-minute form) 94.03%, 0.877, 12.8-13.0 minutes a run.
 #   The final weights are reported (--select last): nothing is chosen on validation.
 # Neither 'short' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its rate
-# reaches zero, however many epochs --epochs or --minutes gives it (an early stop of 12 once cut a 24-epoch run
-# judged on held-out rows in the middle of its decay, where held-out accuracy dips before it rises).
+# reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went
+# five epochs without a better figure in the middle of its decay, where held-out accuracy dips before it rises).
 # 'strong' is the recipe the best public solutions share, for any model: AdamW at batch 64, a warmup then a
 # cosine over a fixed 100 epochs, label smoothing 0.1, an EMA of the weights, TTA, the report's rotation. Its
 # figure is honest by construction too (--select last). Not measured whole on the real data.

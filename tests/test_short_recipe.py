@@ -236,7 +236,7 @@ def test_an_epoch_line_marks_best_and_counts_towards_early_stopping_except_under
 
 def test_the_short_preset_never_stops_early_its_schedule_runs_to_its_end(tiny_data, tmp_path, run_main, monkeypatch):
     """Judged on held-out rows, a longer run of the preset's linear decay may go many epochs without a better
-    held-out accuracy before its rate comes down (a 24-epoch run went 12): it trains on to its last epoch.
+    held-out accuracy before its rate comes down (a 24-epoch run went five): it trains on to its last epoch.
     --early-stop N, given, still stops it."""
     monkeypatch.setattr(train, "epoch_mark", lambda cfg, improved, bad: f" bad={bad}")
     # every epoch judged 50% on both splits: after the first, none is better
