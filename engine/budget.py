@@ -26,7 +26,8 @@ MARGIN = 0.92
 # Once a real epoch has run, only the time still to come is uncertain: the share of it planned for. On a 2-core
 # CPU with AVX512-BF16 the later epochs of seven whitened ResCNN runs (of 6 and 12 epochs, in docs/results.csv)
 # averaged 0.97-1.04 times their first, so 0.95 of the time left ends in time. With MARGIN on the whole budget
-# instead, --minutes 15 kept 5 epochs of 132 s and ended after 11.8 minutes, where 6 take ~14.3.
+# instead, --minutes 15 kept 5 epochs of ~131 s and ended after 11.8 minutes, where 6 take ~14.0 (an estimate:
+# that run's minutes plus one more of its epochs).
 MEASURED_MARGIN = 0.95
 TIMED_S = 10  # time at most this long in all (after 2 untimed steps), in WINDOWS windows
 WINDOWS = 3  # the fastest window counts: whatever else runs on the machine only ever slows a window down (a
