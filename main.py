@@ -100,6 +100,8 @@ def add_recipe_flags(r):
     r.add_argument("--whiten", action=argparse.BooleanOptionalAction, help="the first convolution a frozen "
                    "whitening of the training images' 3x3 patches, computed before the first step (engine/whiten.py); "
                    "on by default for --model res")
+    r.add_argument("--full-res-width", type=int, metavar="CHANNELS", help="--model res: the channels of its "
+                   "full-resolution stage (its first two layers, models.py; default 32)")
     r.add_argument("--seed", type=int)
 
 

@@ -177,6 +177,9 @@ class BasicBlock(nn.Module):
         return F.relu(self.body(x) + x)
 
 
+FULL_RES_WIDTH = 32  # ResCNN's channels at full resolution (--full-res-width)
+
+
 class ResCNN(nn.Module):
     """Not in the report: our stronger model, built from what the best public solutions share (a full-resolution
     start, residual stages, global average pooling, a small head with dropout) and sized for a GTX 1650.
@@ -195,16 +198,17 @@ class ResCNN(nn.Module):
     (torch.utils.flop_counter; tools/bench.py prints the same count). Full resolution for a whole residual stage
     (the generators' traces are pixel-level; the report's ThreeCNN pools after its first conv), at 32
     channels rather than the 64 of the best solutions, which alone would cost ~0.74 GMAC a block.
+    `width` (--full-res-width) sets the channels of the full-resolution stage, the first two rows.
     """
 
-    def __init__(self, num_classes=NUM_CLASSES):
+    def __init__(self, num_classes=NUM_CLASSES, width=FULL_RES_WIDTH):
         super().__init__()
 
         def stage(c_in, c_out, pool=True):  # pool first: the widening conv runs at the lower resolution
             return [*([nn.MaxPool2d(2)] if pool else []), *conv_bn_relu(c_in, c_out, padding=1, bias=False),
                     BasicBlock(c_out)]
-        self.features = nn.Sequential(*stage(3, 32, pool=False), *stage(32, 64), *stage(64, 128), *stage(128, 256),
-                                      nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*stage(3, width, pool=False), *stage(width, 64), *stage(64, 128),
+                                      *stage(128, 256), nn.AdaptiveAvgPool2d(1))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(DROPOUT["res_fc"]), nn.Linear(256, num_classes))
 
     def forward(self, x):
@@ -214,8 +218,11 @@ class ResCNN(nn.Module):
 MODELS = {"three": ThreeCNN, "skip": SkipConCNN, "ensemble": EnsembleCNN, "res": ResCNN}
 
 
-def build_model(name, num_classes=NUM_CLASSES):
-    return MODELS[name](num_classes=num_classes)
+def build_model(name, full_res_width=None, num_classes=NUM_CLASSES):
+    """The model `name`; ResCNN's full-resolution stage `full_res_width` channels wide (None: its own 32)."""
+    if full_res_width is None:
+        return MODELS[name](num_classes=num_classes)
+    return MODELS[name](num_classes=num_classes, width=full_res_width)
 
 
 def count_params(model, trainable_only=False):

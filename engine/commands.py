@@ -44,7 +44,7 @@ def run(args, cfg, given):
 def summary(cfg):
     """The model's layer table (torchsummary) and its trainable parameters."""
     from torchsummary import summary as layer_table
-    model = models.build_model(cfg["model"])
+    model = models.build_model(cfg["model"], cfg["full_res_width"])
     if cfg["whiten"]:  # its first convolution frozen (its filters need the data; the count does not)
         whiten.whiten_first_conv(model)
     layer_table(model, (3, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE), device="cpu")

@@ -87,7 +87,9 @@ def load_for_eval(path, cfg, device, expect_model=None):
 
 
 def model_for_eval(ckpt, path, cfg, device):
-    model = models.build_model(ckpt["model"])  # an ensemble's checkpoint holds its bases' weights too
+    # the shape its run trained (a checkpoint from before --full-res-width has none: ResCNN's own); an ensemble's
+    # checkpoint holds its bases' weights too
+    model = models.build_model(ckpt["model"], (ckpt.get("config") or {}).get("full_res_width"))
     checkpoint.load_weights(model, {**ckpt, "state_dict": checkpoint.eval_state(ckpt)}, path)
     model = model.to(device)
     if runtime.channels_last(cfg, device):

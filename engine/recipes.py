@@ -90,7 +90,7 @@ DEFAULTS = dict(
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
     class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, tta_views="flip_rotate", rotate=15.0,
-    shift=0, whiten=False, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
+    shift=0, whiten=False, full_res_width=None, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
     ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
@@ -127,6 +127,7 @@ LIMITS = {  # setting: (is it valid, what it may be)
     "rotate": (lambda v: 0 <= v <= 180, "0 (no rotation) to 180 degrees"),
     "shift": (lambda v: 0 <= v <= 50, "0 (no shift) to 50 pixels"),
     "minutes": (lambda v: v is None or 0 < v < math.inf, "a number of minutes above 0"),
+    "full_res_width": (lambda v: v is None or v >= 1, "at least 1 channel"),
 }
 
 DEMO_DIR = "demo_data"
@@ -176,6 +177,9 @@ def resolve_config(args):
     if cfg["whiten"] and cfg["model"] == "ensemble":
         raise UserError("--whiten makes a model's first convolution a frozen whitening, and --model ensemble trains "
                         "none (only the blend of its frozen bases): leave --whiten out")
+    if cfg["full_res_width"] is not None and cfg["model"] != "res":
+        raise UserError(f"--full-res-width sets the channels of ResCNN's full-resolution stage, and --model "
+                        f"{cfg['model']} is the report's, as its layer table has it: leave --full-res-width out")
     if cfg["minutes"] and args.epochs is not None and not args.resume:
         raise UserError(f"--minutes {cfg['minutes']:g} chooses the epochs that fit: give --minutes or --epochs, not both")
     if cfg["class_weights"] and cfg["class_weights"] != "auto":

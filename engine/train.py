@@ -216,7 +216,7 @@ def set_up(cfg, given, resume, checked=None):
 def build_model(cfg):
     """The model of cfg['model']; the ensemble's bases are loaded from their checkpoints (and frozen)."""
     if cfg["model"] != "ensemble":
-        return models.build_model(cfg["model"])
+        return models.build_model(cfg["model"], cfg["full_res_width"])
     paths = {name: cfg[f"{name}_ckpt"] or os.path.join(cfg["ckpt_dir"], f"{name}_best.pth")
              for name in ("skip", "three")}
     missing = [f"{name} ({path})" for name, path in paths.items() if not os.path.isfile(path)]

@@ -114,3 +114,13 @@ def test_seconds_per_call_times_the_calls_after_two_untimed_ones_on_this_process
     s = bench.seconds_per_call(fn, 3)
     assert len(calls) == 5 and 0.01 <= s < 0.05
     assert set(threads) == {torch.get_num_threads()}  # not the Timer's default of one thread
+
+
+def test_widths_are_timed_in_turn_in_each_round_and_compared_with_the_first(monkeypatch, capsys):
+    timings = iter([1.0, 2.0, 3.0, 5.0])  # round 1: width 8, then 16; round 2: width 8, then 16
+    monkeypatch.setattr(bench, "seconds_per_call", lambda fn, calls: next(timings))
+    step, flops = bench.width_costs(torch.device("cpu"), None, [8, 16], rounds=2)
+    assert step == {8: 2.0, 16: 3.5}  # the median (here the mean) of each width's own rounds
+    assert flops[16] > flops[8]
+    out = capsys.readouterr().out
+    assert "width   16: step   3500.0 ms (1.75x)" in out and f"({flops[16] / flops[8]:.2f}x)" in out

@@ -19,6 +19,18 @@ def test_output_shapes():
         assert m(x).shape == (2, 5), name
 
 
+def test_rescnn_full_res_width_widens_its_full_resolution_stage_only():
+    x = torch.randn(2, 3, 100, 100)
+    assert models.count_params(models.build_model("res")) == 1_958_821
+    wide = models.build_model("res", 48).eval()
+    # 32 -> 48 channels: the stem (+16 x 27 weights, +2 x 16 BN), the block (2 x (48^2 - 32^2) x 9, +4 x 16 BN) and
+    # the 48 -> 64 conv of the next stage (+16 x 64 x 9)
+    assert models.count_params(wide) == 1_958_821 + 464 + 23_104 + 9_216
+    assert wide.features[:4](x).shape == (2, 48, 100, 100)  # stem conv, BN, ReLU, block
+    assert wide.features[:8](x).shape == (2, 64, 50, 50)  # the later stages as before
+    assert wide(x).shape == (2, 5)
+
+
 def test_intermediate_shapes_follow_the_tables():
     x = torch.randn(1, 3, 100, 100)
     feats = models.ThreeCNN().eval().features

@@ -154,6 +154,26 @@ def test_summary_needs_no_data(run_main):
     assert rc == 0 and "trainable parameters: 1,957,957" in out and "Trainable params: 1,957,957" in out
     rc, out, _ = run_main(["--model", "res", "--summary", "--no-whiten"])
     assert rc == 0 and "trainable parameters: 1,958,821" in out
+    rc, out, _ = run_main(["--model", "res", "--summary", "--full-res-width", "48"])  # frozen stem 48 x 3 x 3 x 3
+    assert rc == 0 and "trainable parameters: 1,990,309" in out
+
+
+def test_a_wider_rescnn_is_judged_as_it_was_trained_and_refused_for_the_reports_models(tiny_data, tmp_path,
+                                                                                      run_main):
+    flags = ("--model", "res", "--full-res-width", "8", "--epochs", "1", "--batch-size", "4", "--amp", "off",
+             "--no-channels-last", "--tta-views", "flip")
+    rc, out, err = run_main(base_args(tiny_data, tmp_path, *flags))
+    assert rc == 0, err
+    run = tmp_path / "runs" / "r"
+    assert json.load(open(run / "config.json"))["full_res_width"] == 8
+    # --evaluate is not told the width: the checkpoint's run says it (a model of 32 would not load its weights)
+    rc, out, err = run_main(["--evaluate", run / "last.pth", "--data-dir", tiny_data, "--out-dir", tmp_path / "cmds",
+                             "--cache-dir", tmp_path / "cache", "--quiet"])
+    assert rc == 0 and "Validation accuracy" in out, err
+    folder = next((tmp_path / "cmds").glob("evaluate-res-*"))
+    assert json.load(open(folder / "report.json"))["accuracy"] == json.load(open(run / "report.json"))["accuracy"]
+    rc, out, err = run_main(base_args(tiny_data, tmp_path / "three", "--full-res-width", "48"))
+    assert rc != 0 and "--full-res-width" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_ensemble_trains_on_frozen_bases(trained, tmp_path, run_main):

@@ -7,6 +7,7 @@
     python -m tools.bench --memory             only the GPU memory each preset and model needs (seconds, no GPU)
     python -m tools.bench --muon               --model res's training step in bf16 and fp32, and Muon's Newton-Schulz
                                          part of it in bf16 (as torch.optim.Muon runs it) and in fp32 (~1 min)
+    python -m tools.bench --widths 32,48,64    --model res's training step at each --full-res-width, interleaved (~2 min)
     python -m tools.bench --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
@@ -250,6 +251,32 @@ def muon_share(device, rounds=3):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# ResCNN's width at full resolution: what each costs a step
+
+def width_costs(device, amp, widths, rounds=3):
+    """Seconds of --model res's training step (its recipe: --preset short, batch 64, channels_last, `amp`) for each
+    --full-res-width, the widths taken in turn in each of `rounds` rounds so that drift of the machine hits all
+    alike, the median round shown; with the FLOPs of a training step per image, and both against the first width."""
+    cfg = recipes.resolve_config(main.parse_args(["--model", "res"]))[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch_size"], 3, 100, 100, generator=gen, device=device)
+    y = torch.randint(0, recipes.NUM_CLASSES, (cfg["batch_size"],), generator=gen).to(device)
+    states = {w: run_state("res", models.build_model("res", w).to(device), device, amp, 100) for w in widths}
+    flops = {w: flops_per_image(models.build_model("res", w).to(device), device, True) for w in widths}
+    times = {w: [] for w in widths}
+    for _ in range(rounds):
+        for w, state in states.items():
+            times[w].append(seconds_per_call(lambda: trainstep.step(state, x, y), 2))
+    step = {w: statistics.median(t) for w, t in times.items()}
+    first = widths[0]
+    for w in widths:
+        print(f"  width {w:>4}: step {step[w] * 1000:8.1f} ms ({step[w] / step[first]:.2f}x)   "
+              f"{flops[w] / 1e9:5.2f} GFLOP an image ({flops[w] / flops[first]:.2f}x)   "
+              f"{models.count_params(states[w].raw, True):>10,} trainable parameters")
+    return step, flops
+
+
 def bench_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=recipes.DEMO_DIR)
@@ -267,6 +294,8 @@ def bench_parser():
     p.add_argument("--json", default=None)
     p.add_argument("--memory", action="store_true", help="only the GPU memory table (seconds, no GPU needed)")
     p.add_argument("--muon", action="store_true", help="only Muon's Newton-Schulz share of --model res's step")
+    p.add_argument("--widths", default=None, help="only --model res's step at each of these --full-res-width values "
+                   "(comma list, such as 32,48,64)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model as main.py --compile "
                    "does (on one GPU with CUDA graphs); the first steps, which compile, are not timed")
     return p
@@ -357,6 +386,12 @@ def main_bench(argv=None):
     if a.muon:
         print(f"device: {runtime.machine(torch.device(a.device))}; --model res, --preset short, batch 64")
         return muon_share(torch.device(a.device))
+    if a.widths:
+        device = torch.device(a.device)
+        amp = runtime.amp_dtype({"amp": a.amp}, device)
+        print(f"device: {runtime.machine(device)}; --model res, --preset short, batch 64, "
+              f"{str(amp).replace('torch.', '') if amp else 'fp32'} channels_last; {a.rounds or 3} rounds, median shown")
+        return width_costs(device, amp, [int(w) for w in a.widths.split(",")], a.rounds or 3)
     if a.data_dir == recipes.DEMO_DIR:
         demo_data.ensure(recipes.DEMO_DIR)
     device = torch.device(a.device)
