@@ -90,8 +90,8 @@ DEFAULTS = dict(
     workers=min(4, os.cpu_count() or 1),  # the report's 4; no more than the cores (extra workers only contend)
     eval_batch_size=None, optimizer="adam", scheduler="plateau", warmup=0, select="val", holdout=0.0, ema=0.0,
     class_weights=None, focal_gamma=0.0, mixup=0.0, cutmix=0.0, tta=False, tta_views="flip_rotate", rotate=15.0,
-    shift=0, whiten=False, full_res_width=None, minutes=None, deterministic=False, detect_anomaly=False, quiet=False, out_dir="runs",
-    ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
+    shift=0, whiten=False, full_res_width=None, minutes=None, deterministic=False, detect_anomaly=False, quiet=False,
+    out_dir="runs", ckpt_dir="models_pth", run_name=None, skip_ckpt=None, three_ckpt=None,
 )
 
 # Settings that change a checkpoint's predictions: --evaluate / --predict / --analyze judge a checkpoint with its

@@ -7,7 +7,7 @@
     python -m tools.bench --memory             only the GPU memory each preset and model needs (seconds, no GPU)
     python -m tools.bench --muon               --model res's training step in bf16 and fp32, and Muon's Newton-Schulz
                                          part of it in bf16 (as torch.optim.Muon runs it) and in fp32 (~1 min)
-    python -m tools.bench --widths 32,48,64    --model res's training step at each --full-res-width, interleaved (~2 min)
+    python -m tools.bench --widths 32,48,64    --model res's step at each --full-res-width, in turn (~1 min)
     python -m tools.bench --compile            the fast path's model compiled, as main.py --compile (CUDA graphs on a GPU)
 
 baseline: Pillow decodes each image every time, torchvision transforms it, DataLoader workers batch it;
@@ -219,16 +219,21 @@ def seconds_per_call(fn, calls):
     return timer.timeit(calls).mean
 
 
+def res_batch(device):
+    """A batch of random images and labels of --model res's size under its own recipe (64)."""
+    batch = recipes.resolve_config(main.parse_args(["--model", "res"]))[0]["batch_size"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 100, 100, generator=gen, device=device)
+    return x, torch.randint(0, recipes.NUM_CLASSES, (batch,), generator=gen).to(device)
+
+
 def muon_share(device, rounds=3):
     """Seconds of --model res's training step (--preset short: Muon, batch 64) in bf16 and in fp32, NCHW and
     channels_last (Muon's iterations in fp32 where bf16 is not native, optim.MuonFP32), and of the Newton-Schulz
     iterations over its convolutions' matrices in bf16 (as torch.optim.Muon runs them) and in fp32: the mean of
     `rounds` calls each after 2 untimed ones (torch.utils.benchmark.Timer), all in one process."""
     name = "res"
-    cfg = recipes.resolve_config(main.parse_args(["--model", name]))[0]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch_size"], 3, 100, 100, generator=gen, device=device)
-    y = torch.randint(0, recipes.NUM_CLASSES, (cfg["batch_size"],), generator=gen).to(device)
+    x, y = res_batch(device)
     out = {}
     for amp in ("bf16", "off"):
         for cl in (False, True):
@@ -258,10 +263,7 @@ def width_costs(device, amp, widths, rounds=3):
     """Seconds of --model res's training step (its recipe: --preset short, batch 64, channels_last, `amp`) for each
     --full-res-width, the widths taken in turn in each of `rounds` rounds so that drift of the machine hits all
     alike, the median round shown; with the FLOPs of a training step per image, and both against the first width."""
-    cfg = recipes.resolve_config(main.parse_args(["--model", "res"]))[0]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch_size"], 3, 100, 100, generator=gen, device=device)
-    y = torch.randint(0, recipes.NUM_CLASSES, (cfg["batch_size"],), generator=gen).to(device)
+    x, y = res_batch(device)
     states = {w: run_state("res", models.build_model("res", w).to(device), device, amp, 100) for w in widths}
     flops = {w: flops_per_image(models.build_model("res", w).to(device), device, True) for w in widths}
     times = {w: [] for w in widths}
