@@ -182,9 +182,8 @@ def start_log(run, resumed):
     for note in (runtime.device_note(cfg, device), runtime.precision_note(cfg, device, amp)):
         if note:
             log(note)
-    precision = str(amp).replace("torch.", "") if amp else "fp32"
     log(f"run folder: {run.run_dir}\nmodel {cfg['model']} ({models.count_params(run.state.raw, True):,} trainable "
-        f"parameters) on {runtime.device_name(device)}, precision {precision}"
+        f"parameters) on {runtime.device_name(device)}, precision {runtime.dtype_name(amp)}"
         f"{' channels_last' if run.state.channels_last else ''}, {runtime.WORLD} process(es), loader "
         f"{type(run.train_batches).__name__}")
 

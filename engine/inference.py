@@ -108,7 +108,7 @@ def judged_as(cfg, ckpt, given):
 def describe_judging(cfg, ckpt, amp):
     views = f"TTA ({cfg['tta_views']})" if cfg["tta"] else "no TTA"
     weights = "EMA weights" if ckpt.get("ema_state_dict") is not None else "trained weights"
-    return f"{views}, {weights}, {str(amp).replace('torch.', '') if amp else 'fp32'}"
+    return f"{views}, {weights}, {runtime.dtype_name(amp)}"
 
 
 def vote_probs(cfg, paths, batches, device, amp, expect_model=None, given=None):

@@ -142,6 +142,11 @@ def amp_dtype(cfg, device):
     return DTYPES[precision(cfg, device)]
 
 
+def dtype_name(amp):
+    """An autocast dtype as the lines a run prints say it: bfloat16, float16 or fp32 (None)."""
+    return str(amp).replace("torch.", "") if amp else "fp32"
+
+
 def channels_last(cfg, device):
     """Whether the model and its inputs are channels_last: --channels-last as given; for auto, the run's measured
     choice where it was made on this machine, else channels_last."""

@@ -385,20 +385,18 @@ def main_bench(argv=None):
     all_models = (a.models or "three,skip,ensemble,res").split(",")
     if a.memory:
         return memory_table(all_models)
+    device = torch.device(a.device)
+    amp = runtime.amp_dtype({"amp": a.amp}, device)
     if a.muon:
-        print(f"device: {runtime.machine(torch.device(a.device))}; --model res, --preset short, batch 64")
-        return muon_share(torch.device(a.device))
+        print(f"device: {runtime.machine(device)}; --model res, --preset short, batch 64")
+        return muon_share(device)
     if a.widths:
-        device = torch.device(a.device)
-        amp = runtime.amp_dtype({"amp": a.amp}, device)
-        print(f"device: {runtime.machine(device)}; --model res, --preset short, batch 64, "
-              f"{str(amp).replace('torch.', '') if amp else 'fp32'} channels_last; {a.rounds or 3} rounds, median shown")
+        print(f"device: {runtime.machine(device)}; --model res, --preset short, batch 64, {runtime.dtype_name(amp)} "
+              f"channels_last; {a.rounds or 3} rounds, median shown")
         return width_costs(device, amp, [int(w) for w in a.widths.split(",")], a.rounds or 3)
     if a.data_dir == recipes.DEMO_DIR:
         demo_data.ensure(recipes.DEMO_DIR)
-    device = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
-    amp = runtime.amp_dtype({"amp": a.amp}, device)
     # --quick on a CPU measures ThreeCNN only: one SkipConCNN step there takes seconds.
     cpu = device.type == "cpu"
     names = (a.models or ("three" if a.quick and cpu else "three,skip" if a.quick else "three,skip,ensemble,res")).split(",")
@@ -406,7 +404,7 @@ def main_bench(argv=None):
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                   and k in torch.cuda.get_device_name(device)), None)
     dev_name = runtime.device_name(device)
-    print(f"device: {dev_name}; fast path precision: {str(amp).replace('torch.', '') if amp else 'fp32'}"
+    print(f"device: {dev_name}; fast path precision: {runtime.dtype_name(amp)}"
           f"{', compiled' if a.compile else ''}; {rounds} alternating rounds, median shown")
     bench = Bench(a, device, amp, rounds, peak)
     bench.input_rows()
