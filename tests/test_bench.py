@@ -1,10 +1,12 @@
-"""tools/bench.py: its JSON, the compiled path it times, the memory count without a GPU and the 4 GB card."""
+"""tools/bench.py: its JSON, the compiled path it times; tools/gpu_memory.py: the memory count without a GPU and the
+4 GB card."""
 import json
 
 import pytest
 import torch
 
 from tools import bench
+from tools import gpu_memory
 from engine import recipes
 
 
@@ -51,7 +53,7 @@ def test_bench_compile_times_the_compiled_model(tiny_data, tmp_path, monkeypatch
 
 
 def test_peak_memory_counts_storages_alive_at_once():
-    with bench.PeakMemory() as mem:
+    with gpu_memory.PeakMemory() as mem:
         keep = torch.empty(1000)           # 4,000 bytes, kept
         temp = torch.empty(500)            # 2,000 bytes, then freed
         view = keep[:10].view(2, 5)        # a view: no new storage
@@ -66,7 +68,7 @@ def test_memory_estimate_without_data_equals_the_count_with_real_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def step(mode):
-        with mode, bench.PeakMemory() as mem:
+        with mode, gpu_memory.PeakMemory() as mem:
             model = models.ThreeCNN()
             opt = torch.optim.Adam(model.parameters())
             x, y = torch.randn(4, 3, 100, 100), torch.zeros(4, dtype=torch.long)
@@ -87,18 +89,28 @@ def test_every_preset_and_model_fits_a_4gb_card_at_its_default_batches():
     assert ("fast", "three") in {(r["preset"], r["model"]) for r in rows}
     assert all(r["fits_4gb"] and r["data_mib"] > 400 for r in rows)
     # why SkipConCNN evaluates at 64 on a GPU: at 256 it would not fit
-    big = bench.estimate_memory("skip", "report", eval_batch=256)
+    big = gpu_memory.estimate_memory("skip", "report", eval_batch=256)
     assert not big["fits_4gb"] and big["eval_peak_mib"] > 2 * next(
         r["eval_peak_mib"] for r in rows if (r["preset"], r["model"]) == ("report", "skip"))
 
+
+
+def test_gpu_memory_is_a_command_of_its_own(capsys):
+    """python -m tools.gpu_memory prints the table bench --memory prints: a line for each preset and model."""
+    import runpy
+    runpy.run_path(gpu_memory.__file__, run_name="__main__")  # as python -m runs it
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("--preset")]
+    assert len(lines) == sum(m in recipes.PRESET_MODELS.get(p, m) for p in recipes.PRESETS
+                             for m in ("three", "skip", "ensemble", "res"))
+    assert all(ln.rstrip().endswith("fits") for ln in lines) and any("--preset short  res" in ln for ln in lines)
 
 def test_memory_estimate_counts_the_presets_own_optimizer(monkeypatch):
     """The short preset trains with Muon, which keeps one buffer a conv weight where Adam keeps two: its estimate
     is below the same preset's with AdamW by that second buffer (fp32; Adam's step counts add a few bytes)."""
     import models
-    muon = bench.estimate_memory("res", "short")["train_peak_mib"]
+    muon = gpu_memory.estimate_memory("res", "short")["train_peak_mib"]
     monkeypatch.setitem(recipes.PRESETS["short"], "optimizer", "adamw")
-    adamw = bench.estimate_memory("res", "short")["train_peak_mib"]
+    adamw = gpu_memory.estimate_memory("res", "short")["train_peak_mib"]
     conv_mib = sum(p.numel() for p in models.build_model("res").parameters() if p.ndim == 4) * 4 / 2**20
     assert adamw - muon == pytest.approx(conv_mib, rel=0.01)
 
