@@ -94,7 +94,6 @@ def test_every_preset_and_model_fits_a_4gb_card_at_its_default_batches():
         r["eval_peak_mib"] for r in rows if (r["preset"], r["model"]) == ("report", "skip"))
 
 
-
 def test_gpu_memory_is_a_command_of_its_own(capsys):
     """python -m tools.gpu_memory prints the table bench --memory prints: a line for each preset and model."""
     import runpy
@@ -103,6 +102,7 @@ def test_gpu_memory_is_a_command_of_its_own(capsys):
     assert len(lines) == sum(m in recipes.PRESET_MODELS.get(p, m) for p in recipes.PRESETS
                              for m in ("three", "skip", "ensemble", "res"))
     assert all(ln.rstrip().endswith("fits") for ln in lines) and any("--preset short  res" in ln for ln in lines)
+
 
 def test_memory_estimate_counts_the_presets_own_optimizer(monkeypatch):
     """The short preset trains with Muon, which keeps one buffer a conv weight where Adam keeps two: its estimate

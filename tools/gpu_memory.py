@@ -1,5 +1,5 @@
 """GPU memory on the users' 4 GB card (a GTX 1650), counted without a GPU: the peak tensor memory of each model
-and preset as main.py trains and evaluates it on a GPU, from one training step and one evaluation batch run on
+and preset as main.py trains and evaluates it on a GPU, from two training steps and one evaluation batch run on
 fake tensors (shapes, no data). The figures are in docs/performance.md.
 
     python -m tools.gpu_memory                 every preset and model (seconds, no GPU)
