@@ -294,7 +294,7 @@ class Bench:
 
 def main_bench(argv=None):
     a = bench_parser().parse_args(argv)
-    all_models = (a.models or "three,skip,ensemble,res").split(",")
+    all_models = a.models.split(",") if a.models else gpu_memory.MODELS
     if a.memory:
         return gpu_memory.memory_table(all_models)
     device = torch.device(a.device)

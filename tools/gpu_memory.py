@@ -26,6 +26,8 @@ REAL_SPLITS = {"train": 12_500, "validation": 1_250, "test": 1_000}
 # A GTX 1650 has 4 GiB. The CUDA context (~0.3-0.4 GiB) lies outside PyTorch's allocator, and the caching
 # allocator and cuDNN's workspaces need slack, so up to 3 GiB of tensors is taken as fitting.
 FITS_MIB = 3072
+# Every model, in the table's order.
+MODELS = ("three", "skip", "ensemble", "res")
 
 
 class PeakMemory(TorchDispatchMode):
@@ -93,7 +95,7 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             "fits_4gb": max(train_mib, mem.peak / 2**20) <= FITS_MIB}
 
 
-def memory_table(names):
+def memory_table(names=MODELS):
     rows = [estimate_memory(name, preset) for preset in recipes.PRESETS for name in names
             if name in recipes.PRESET_MODELS.get(preset, names)]
     print(f"\nGPU memory, fp16, counted without a GPU (tensors only; 4 GB card = up to {FITS_MIB} MiB of tensors):")
@@ -105,4 +107,4 @@ def memory_table(names):
 
 
 if __name__ == "__main__":
-    memory_table(["three", "skip", "ensemble", "res"])
+    memory_table()
