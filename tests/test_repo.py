@@ -50,17 +50,20 @@ def test_results_tables_are_in_step_with_the_csv(tmp_path, capsys):
 
 
 def test_readmes_table_leads_with_the_current_recipe_its_votes_then_the_best_of_the_rest():
-    def row(recipe, acc, seed="0"):
-        return dict(date="2026-12-02", machine="CPU", model="res", recipe=recipe, command="c", seed=seed,
+    def row(recipe, acc, seed="0", machine=results.CURVE_MACHINE):
+        return dict(date="2026-12-02", machine=machine, model="res", recipe=recipe, command="c", seed=seed,
                     epochs="12", minutes="30", val_acc=acc, holdout_acc="", class4_recall="0.85", selected_on_val="no")
     rows = [row("short, first form (AdamW over 32 epochs)", "95.0"), row("short", "93.0"), row("short", "93.4", "1"),
             row("report", "94.0"), row("short, second form (Muon)", "94.5"), row("screening, 8 epochs: x", "99.0"),
             row("short, --minutes 30", "92.0"), row("short, soft vote of 2 seeds", "94.0"),
-            row("short, third form (first layer trained), --minutes 15", "94.8")]
-    table = results.summary_table(rows, whole_best_first=6)[2:]
+            row("short, third form (first layer trained), --minutes 15", "94.8"),
+            row("short, --minutes 30 (fp32)", "93.9", machine="CPU, 2 cores, AVX2 only (emulated)")]
+    table = results.summary_table(rows, whole_best_first=7)[2:]
+    # another machine's run of the current recipe follows the curve machine's, however it scored
     assert [line.split(" | ")[1] for line in table] == [
-        "short", "short, --minutes 30", "short, soft vote of 2 seeds", "short, first form (AdamW over 32 epochs)",
-        "short, third form (first layer trained), --minutes 15", "short, second form (Muon)"]
+        "short", "short, --minutes 30", "short, --minutes 30 (fp32)", "short, soft vote of 2 seeds",
+        "short, first form (AdamW over 32 epochs)", "short, third form (first layer trained), --minutes 15",
+        "short, second form (Muon)"]
 
 
 def test_readmes_table_counts_a_slowed_run_of_fixed_epochs_for_its_accuracy_not_its_minutes():

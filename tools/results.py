@@ -89,7 +89,10 @@ def summary_table(rows, whole_best_first=None):
         keep = [k for k in groups if not PART_RUN.search(k[2]) and any(r["val_acc"] for r in groups[k])]
         mean = lambda k: statistics.mean(float(r["val_acc"]) for r in groups[k] if r["val_acc"])  # noqa: E731
         current = lambda k: bool(CURRENT.search(k[2]))  # noqa: E731
-        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], mean(k)), reverse=True)
+        # the current recipe's single models, those of the curve's machine first (another machine's run is
+        # not a better or worse recipe, only a slower CPU), then its votes, then the rest, best first
+        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], k[0] == CURVE_MACHINE,
+                                           mean(k)), reverse=True)
         groups = {k: groups[k] for k in keep[:whole_best_first]}
     out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
            "|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -123,7 +126,7 @@ def results_md(rows):
     lines += summary_table([r for r in rows if not r["recipe"].startswith("screening")])
     lines += ["", "## Screening", "", "Runs and judgements that chose the recipe of `--preset short`, each on the 10% of "
               "train.csv", "held out by `--holdout 0.1 --seed 0` (seed 0: the same rows every time; \"second split\": "
-              "`--holdout 0.1 --seed 1`,", "\"third split\": `--holdout 0.1 --seed 2`), never on validation "
+              "`--holdout 0.1 --seed 1`,", "\"third split\": `--seed 2`, and so on), never on validation "
               "(docs/screening.md).", ""]
     lines += screening_table(rows)
     lines += ["", "## Every run", "", "| date | machine | model | recipe | command | seed | epochs | minutes | val acc % "
