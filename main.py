@@ -5,6 +5,7 @@
     python main.py --model three --preset fast      ThreeCNN at batch 256, for a GPU (16x the report's batch)
     python main.py --model res                      ResCNN (ours) with its recipe; nothing chosen on validation
     python main.py --model res --minutes 30         the same, sized to what fits in 30 minutes on this machine
+    python main.py --model res --preset hour        its best single model in an hour on a 2-core CPU
     python main.py --evaluate CKPT                  judge a checkpoint on validation
     python main.py --predict CKPT                   write a submission from a checkpoint
     python main.py --analyze CKPT                   error analysis: confusions, worst images, class samples
@@ -51,7 +52,8 @@ def build_parser():
     a("--preset", choices=list(PRESETS), help="report (the report's recipe, default), fast (ThreeCNN at batch 256, "
                                               "for a GPU), short (Muon, 12 epochs decaying linearly, class 4 "
                                               "weighted 1.5, no rotation, flip TTA, final weights; the default of "
-                                              "--model res) or strong (AdamW, warmup + cosine over 100 epochs, EMA, "
+                                              "--model res), hour (short with ResCNN's full-resolution stage 64 "
+                                              "wide and six test-time views) or strong (AdamW, warmup + cosine over 100 epochs, EMA, "
                                               "TTA, final weights)")
     add_recipe_flags(p.add_argument_group("the recipe (defaults: the report's table for --model)"))
     add_machine_flags(p.add_argument_group("speed and machine"))

@@ -211,6 +211,27 @@ def test_the_short_preset_warms_up_for_an_epoch_then_decays_linearly_to_zero_ove
     assert lrs[-1] == pytest.approx(2e-3 / (11 * spe)) and opt.param_groups[0]["lr"] == 0
 
 
+def test_the_hour_preset_is_the_short_one_with_a_wider_full_resolution_stage_and_six_test_time_views(
+        tiny_data, tmp_path, run_main, monkeypatch):
+    hour, _ = recipes.resolve_config(main.parse_args(["--model", "res", "--preset", "hour"]))
+    short, _ = recipes.resolve_config(main.parse_args(["--model", "res"]))
+    assert {k: v for k, v in hour.items() if short[k] != v} == {"preset": "hour", "full_res_width": 64,
+                                                                "tta_views": "flip_shift"}
+    from engine import inference
+    seen = []
+    real = inference.predict_probs
+    first_conv = lambda m: next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d))  # noqa: E731
+    monkeypatch.setattr(inference, "predict_probs", lambda *a, **k: (seen.append((first_conv(a[0]).out_channels,
+                                                                                  a[5], a[2]["tta_views"])),
+                                                                   real(*a, **k))[1])
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--model", "res", "--preset", "hour", "--epochs", "1",
+                                    "--batch-size", "4", "--amp", "off", "--no-channels-last"))
+    assert rc == 0, err
+    assert seen == [(64, False, "flip_shift")] + [(64, True, "flip_shift")] * 2  # the epoch; validation, test
+    rc, _, err = run_main(base_args(tiny_data, tmp_path, "--model", "three", "--preset", "hour"))
+    assert rc != 0 and "--preset hour is offered for --model res only" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_short_run_judges_each_epoch_without_tta_and_its_end_with_the_flip(tiny_data, tmp_path, run_main,
                                                                              monkeypatch):
     from engine import inference
