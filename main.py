@@ -5,7 +5,7 @@
     python main.py --model three --preset fast      ThreeCNN at batch 256, for a GPU (16x the report's batch)
     python main.py --model res                      ResCNN (ours) with its recipe; nothing chosen on validation
     python main.py --model res --minutes 30         the same, sized to what fits in 30 minutes on this machine
-    python main.py --model res --preset hour        its best single model in an hour on a 2-core CPU
+    python main.py --model res --preset hour        the recipe chosen for an hour on a 2-core CPU
     python main.py --evaluate CKPT                  judge a checkpoint on validation
     python main.py --predict CKPT                   write a submission from a checkpoint
     python main.py --analyze CKPT                   error analysis: confusions, worst images, class samples

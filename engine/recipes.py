@@ -61,8 +61,9 @@ RECIPES = {
 #   minutes a run; at 6 epochs (--epochs 6, the 15-minute form) 94.03%, 0.877, 12.8-13.0 minutes a run.
 #   The final weights are reported (--select last): nothing is chosen on validation.
 # 'hour' is 'short' with ResCNN's full-resolution stage 64 channels wide instead of 32 and six test-time views
-# (the image and its mirror, each also moved by a pixel down-right and up-left) instead of two: the best single
-# model in an hour on a 2-core CPU with AVX512-BF16 (~1.8 times 'short''s time). Each of the two had come out
+# (the image and its mirror, each also moved by a pixel down-right and up-left) instead of two: the recipe chosen
+# for the best single model in an hour on a 2-core CPU with AVX512-BF16 (~1.8-2 times 'short''s time; its
+# confirmation on validation is still to run). Each of the two had come out
 # ahead every time it was measured without passing its rule alone; together they passed theirs on a fifth split
 # of held-out rows (docs/screening.md).
 # Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its rate
