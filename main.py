@@ -53,8 +53,8 @@ def build_parser():
                                               "for a GPU), short (Muon, 12 epochs decaying linearly, class 4 "
                                               "weighted 1.5, no rotation, flip TTA, final weights; the default of "
                                               "--model res), hour (short with ResCNN's full-resolution stage 64 "
-                                              "wide and six test-time views) or strong (AdamW, warmup + cosine over 100 epochs, EMA, "
-                                              "TTA, final weights)")
+                                              "wide and six test-time views) or strong (AdamW, warmup + cosine "
+                                              "over 100 epochs, EMA, TTA, final weights)")
     add_recipe_flags(p.add_argument_group("the recipe (defaults: the report's table for --model)"))
     add_machine_flags(p.add_argument_group("speed and machine"))
     add_file_flags(p.add_argument_group("files"))

@@ -63,11 +63,10 @@ RECIPES = {
 # 'hour' is 'short' with ResCNN's full-resolution stage 64 channels wide instead of 32 and six test-time views
 # (the image and its mirror, each also moved by a pixel down-right and up-left) instead of two: the recipe chosen
 # for the best single model in an hour on a 2-core CPU with AVX512-BF16 (~1.8-2 times 'short''s time; its
-# confirmation on validation is still to run). Each of the two had come out
-# ahead every time it was measured without passing its rule alone; together they passed theirs on a fifth split
-# of held-out rows (docs/screening.md).
-# Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its rate
-# reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went
+# confirmation on validation is still to run). Each of the two had come out ahead every time it was measured
+# without passing its rule alone; together they passed theirs on a fifth split of held-out rows (docs/screening.md).
+# Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its
+# rate reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went
 # five epochs without a better figure in the middle of its decay, where held-out accuracy dips before it rises).
 # 'strong' is the recipe the best public solutions share, for any model: AdamW at batch 64, a warmup then a
 # cosine over a fixed 100 epochs, label smoothing 0.1, an EMA of the weights, TTA, the report's rotation. Its

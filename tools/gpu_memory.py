@@ -71,7 +71,8 @@ def estimate_memory(name, preset, amp=torch.float16, eval_batch=None):
             data = torch.zeros(sum(REAL_SPLITS.values()), 3, 100, 100, dtype=torch.uint8)
             labels = torch.zeros(len(data), dtype=torch.long)
             data_mib = mem.now / 2**20
-            model = models.build_model(name, cfg["full_res_width"])  # channels_last: same sizes (FakeTensorMode cannot convert modules)
+            # channels_last: same sizes (FakeTensorMode cannot convert modules)
+            model = models.build_model(name, cfg["full_res_width"])
             if cfg["whiten"]:  # frozen as the run trains it: no gradient for its weights
                 whiten.whiten_first_conv(model)
             ema = [t.clone() for t in model.state_dict().values()] if cfg["ema"] else None  # AveragedModel's copy
