@@ -59,8 +59,12 @@ def fit_epochs(left_s, epoch_s, at_least=1):
 # ==============================================================================================
 # --amp auto, --channels-last auto
 
-TUNE_WARMUP, TUNE_STEPS = 1, 2  # untimed steps (first-call set-up, cuDNN's search), then timed ones: the fastest
+TUNE_WARMUP, TUNE_STEPS = 1, 2  # a timed warm-up step (first-call set-up), then timed ones: the fastest counts
 SLOW = 5  # a candidate whose warm-up step alone took this many times the best step so far is not timed further
+# On a GPU the first step of each candidate also runs cuDNN's search for its kernels (cudnn.benchmark): seconds,
+# where a step then takes milliseconds. That step is left untimed there, or the first candidate always wins: on an
+# H200 (2026-12-04) every later candidate's warm-up step took 4.8-7.7 s against the first's 0.04-0.05 s steps, so
+# none of them was timed further (SLOW) and --amp auto never compared what it says it compares.
 
 
 def choose_precision_and_layout(cfg, raw, batches, device, saved=None, given=()):
@@ -105,8 +109,9 @@ def describe(amp, channels_last):
 
 
 def time_candidates(cfg, raw, batches, device, candidates):
-    """Seconds of a training step (the fastest of TUNE_STEPS, after TUNE_WARMUP) in each (precision, layout), on
-    a copy of the model and one batch of the run's own size; not compiled (compiling each would take minutes)."""
+    """Seconds of a training step (the fastest of TUNE_STEPS, after TUNE_WARMUP; on a GPU after an untimed first
+    step too) in each (precision, layout), on a copy of the model and one batch of the run's own size; not compiled
+    (compiling each would take minutes)."""
     gen = torch.Generator().manual_seed(0)
     x, y, _ = next(batches.batches(batches.plan(gen), gen))
     seconds = {}
@@ -114,6 +119,8 @@ def time_candidates(cfg, raw, batches, device, candidates):
         trial = build(cfg, copy.deepcopy(raw).train(), device, runtime.DTYPES[amp], cl, len(batches), compile=False,
                       ddp=False)
         try:
+            if device.type == "cuda":
+                trainstep.step(trial, x, y)  # cuDNN's search for this candidate's kernels, untimed (above)
             times = [timed_step(trial, x, y) for _ in range(TUNE_WARMUP)]
             if not seconds or times[-1] < SLOW * min(seconds.values()):
                 times = [timed_step(trial, x, y) for _ in range(TUNE_STEPS)]

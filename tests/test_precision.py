@@ -221,6 +221,38 @@ def test_auto_times_real_steps_of_each_candidate(tiny_data):
     assert all(torch.equal(v, raw.state_dict()[k]) for k, v in before.items())
 
 
+def test_auto_on_a_gpu_leaves_each_candidates_kernel_search_untimed(monkeypatch):
+    """On a GPU a candidate's first step also runs cuDNN's kernel search (seconds, where its steps take
+    milliseconds): timed, it made the first candidate win every time (seen on an H200). Faked here as a GPU does
+    it: each candidate's first step takes 5 s, its later ones their own time; the fastest later one is chosen."""
+    steady = {(torch.bfloat16, False): 0.05, (torch.bfloat16, True): 0.04, (torch.float16, False): 0.06}
+
+    class Trial:
+        def __init__(self, dtype, cl):
+            self.key, self.steps = (dtype, cl), 0
+
+    class Batches:
+        def __len__(self):
+            return 1
+
+        def plan(self, gen):
+            return None
+
+        def batches(self, plan, gen):
+            return iter([(None, None, None)])
+
+    def step(trial, x, y):
+        trial.steps += 1
+        return 5.0 if trial.steps == 1 else steady[trial.key]
+
+    monkeypatch.setattr(budget, "build", lambda cfg, raw, device, dtype, cl, *a, **k: Trial(dtype, cl))
+    monkeypatch.setattr(budget.trainstep, "step", step)
+    monkeypatch.setattr(budget, "timed_step", step)
+    candidates = [("bf16", False), ("bf16", True), ("fp16", False)]
+    seconds = budget.time_candidates({}, torch.nn.Linear(1, 1), Batches(), torch.device("cuda"), candidates)
+    assert seconds == {("bf16", False): 0.05, ("bf16", True): 0.04, ("fp16", False): 0.06}
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming in another precision, or on another machine
 
