@@ -69,10 +69,10 @@ PART_RUN = re.compile(r"demo|screening|stopped|\(\d+ epochs|, \d+ epochs|beside"
 # any other: README's table counts its accuracy with its recipe's other seeds and leaves its minutes out. A --minutes
 # run so slowed fitted fewer epochs, so it stays out.
 SLOWED = re.compile(r" \([^()]*beside[^()]*\)$")
-# The recipe `python main.py --model res` trains now ("short", and its votes and time budgets): README's table
-# leads with its single models, then its votes. Its earlier forms are named "short, first form (...)",
-# "short, second form (...)", "short, third form (...)".
-CURRENT = re.compile(r"^short(,(?! \w+ form)|$)")
+# The recipes `python main.py --model res` trains now ("short", and its votes and time budgets, and "hour", its
+# --preset hour): README's table leads with their single models, then their votes. Earlier forms of "short" are
+# named "short, first form (...)", "short, second form (...)", "short, third form (...)".
+CURRENT = re.compile(r"^(short|hour)(,(?! \w+ form)|$)")
 # Its third form, the preset before ResCNN's first layer became a frozen whitening (--no-whiten): a curve of its own.
 THIRD = re.compile(r"^short, third form")
 
@@ -151,7 +151,7 @@ def curve_series(rows):
         minutes = re.search(r"--minutes (\d+)", r["command"])
         return f"--minutes {minutes.group(1)}" if minutes else f"{r['epochs']} epochs"
     single = lambda r: (not PART_RUN.search(r["recipe"]) and "vote" not in r["recipe"]  # noqa: E731
-                        and "holdout" not in r["command"])
+                        and "holdout" not in r["command"] and not r["recipe"].startswith("hour"))
     return {
         "ResCNN, --preset short (ours)": points(lambda r: r["model"] == "res" and bool(CURRENT.search(r["recipe"]))
                                                   and single(r)),
