@@ -209,7 +209,7 @@ def test_sweep_budget_stops_runs_resumably(tiny_data, tmp_path, capsys, monkeypa
 
 
 def test_the_campaign_files_are_commands_main_py_accepts(tmp_path):
-    for name in ("campaign.txt", "campaign-ensemble.txt"):
+    for name in ("campaign.txt", "campaign-ensemble.txt", "campaign-9min.txt"):
         commands = sweep.read_commands(os.path.join(ROOT, "experiments", name), "dataset")
         assert commands and all("DATA" not in c for c in commands)
         for flags in commands:
