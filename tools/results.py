@@ -89,10 +89,11 @@ def summary_table(rows, whole_best_first=None):
         keep = [k for k in groups if not PART_RUN.search(k[2]) and any(r["val_acc"] for r in groups[k])]
         mean = lambda k: statistics.mean(float(r["val_acc"]) for r in groups[k] if r["val_acc"])  # noqa: E731
         current = lambda k: bool(CURRENT.search(k[2]))  # noqa: E731
-        # the current recipe's single models, those of the curve's machine first (another machine's run is
-        # not a better or worse recipe, only a slower CPU), then its votes, then the rest, best first
-        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], k[0] == CURVE_MACHINE,
-                                           mean(k)), reverse=True)
+        # the current recipes' single models, the best one's (hour) first, then those of the curve's machine
+        # (another machine's run is not a better or worse recipe, only a slower CPU), then their votes, then the
+        # rest, best first
+        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], k[2] == "hour",
+                                           k[0] == CURVE_MACHINE, mean(k)), reverse=True)
         groups = {k: groups[k] for k in keep[:whole_best_first]}
     out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
            "|---|---|---|---:|---:|---:|---:|---:|---|"]
