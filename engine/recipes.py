@@ -65,6 +65,7 @@ RECIPES = {
 # for the best single model in an hour on a 2-core CPU with AVX512-BF16 (~1.8-2 times 'short''s time). Each of the
 # two had come out ahead every time it was measured without passing its rule alone; together they passed theirs on
 # a fifth split of held-out rows (docs/screening.md). On validation, three seeds: 96.16%, class-4 recall 0.911.
+# --model res --minutes N trains it instead of 'short' where 12 of its epochs fit (hour_for_minutes, budget.py).
 # Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its
 # rate reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went
 # five epochs without a better figure in the middle of its decay, where held-out accuracy dips before it rises).
@@ -191,6 +192,17 @@ def resolve_config(args):
     if cfg["class_weights"] and cfg["class_weights"] != "auto":
         fixed_class_weights(cfg["class_weights"])  # refused now, not after the run folder is made
     return cfg, given
+
+
+def hour_for_minutes(cfg, given):
+    """The run's settings with --preset hour's, for a run that --minutes may move to it (budget.size_hour): one of
+    --model res's default recipe with a time budget, neither --preset nor one of hour's own settings given.
+    None for any other run."""
+    changes = {k: v for k, v in PRESETS["hour"].items() if PRESETS["short"].get(k) != v}
+    if (cfg["model"] != "res" or cfg["preset"] != "short" or "preset" in given or not cfg["minutes"]
+            or any(k in given for k in changes)):
+        return None
+    return {**cfg, **changes, "preset": "hour"}
 
 
 def stops_early(cfg, bad_epochs):

@@ -16,8 +16,8 @@ import torch
 import dataloader
 import dataset
 import models
-from engine import (budget, checkpoint, demo_data, folders, inference, loss, optim, promote, report, runtime,
-                    trainstep, whiten)
+from engine import (budget, checkpoint, demo_data, folders, inference, loss, optim, promote, recipes, report,
+                    runtime, trainstep, whiten)
 from engine.errors import UserError, raise_lost_interrupt
 from engine.recipes import stops_early
 from engine.runtime import log
@@ -193,8 +193,7 @@ def set_up(cfg, given, resume, checked=None):
     if cfg["whiten"]:  # before the optimizer is made: it steps only what is not frozen (a resume loads the filters)
         whiten.whiten_first_conv(raw, tr if ckpt is None else None)
     budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
-    state = build(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device), len(tr),
-                  gen=gen, data_rows=data_rows)
+    state = build_state(cfg, raw, tr, device, gen, data_rows)
     raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
     run_dir = run_dir or claim_run_dir(cfg)
     if runtime.RANK == 0:
@@ -207,10 +206,25 @@ def set_up(cfg, given, resume, checked=None):
         log(f"resuming {run_dir} at epoch {state.epoch + 1}" + (f", step {state.step + 1}" if state.step else ""))
     if cfg["minutes"] and ckpt is None:  # a new run sized to its time budget: its epochs, then its schedule
         cfg["epochs"], run.end_s = budget.size_epochs(run, started)
+        hour = recipes.hour_for_minutes(cfg, given) if cfg["epochs"] >= budget.HOUR_EPOCHS else None
+        sized = hour and budget.size_hour(run, started, hour)  # its epochs take longer: fewer fit than short's
+        if sized:  # the run becomes --preset hour's, built as that preset builds it
+            cfg.update(hour, epochs=sized[0])
+            run.end_s = sized[1]
+            raw = build_model(cfg).to(device)
+            if cfg["whiten"]:
+                whiten.whiten_first_conv(raw, tr)
+            run.state = state = build_state(cfg, raw, tr, device, gen, data_rows)
         state.sched = optim.make_scheduler(cfg, state.opt, len(tr))
     if runtime.RANK == 0:
         folders.start_log(run, ckpt is not None)
     return run
+
+
+def build_state(cfg, raw, tr, device, gen, data_rows):
+    """The run's state at its start: `raw` in the precision and layout chosen for it (budget.py)."""
+    return build(cfg, raw, device, runtime.amp_dtype(cfg, device), runtime.channels_last(cfg, device), len(tr),
+                 gen=gen, data_rows=data_rows)
 
 
 def build_model(cfg):

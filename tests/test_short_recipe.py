@@ -329,3 +329,52 @@ def test_muon_for_a_model_without_convolutions_to_train_is_one_line(tiny_data, t
                                                     "--model ensemble trains none (only the blend of its frozen bases): "
                                                     "use --optimizer adam or adamw"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_minutes_moves_to_the_hour_recipe_only_for_res_s_default_recipe_with_none_of_its_settings_given():
+    def hour(*flags):
+        cfg, given = recipes.resolve_config(main.parse_args(list(flags)))
+        return recipes.hour_for_minutes(cfg, given)
+    moved = hour("--model", "res", "--minutes", "60")
+    assert (moved["preset"], moved["full_res_width"], moved["tta_views"]) == ("hour", 64, "flip_shift")
+    assert hour("--model", "res", "--minutes", "60", "--no-whiten", "--seed", "3")["whiten"] is False  # given: kept
+    for flags in (["--model", "res"], ["--model", "res", "--minutes", "60", "--preset", "short"],
+                  ["--model", "res", "--minutes", "60", "--full-res-width", "48"],
+                  ["--model", "res", "--minutes", "60", "--tta-views", "flip"],
+                  ["--model", "three", "--minutes", "60"]):
+        assert hour(*flags) is None, flags
+
+
+def test_minutes_trains_the_hour_recipe_where_its_12_epochs_fit_and_keeps_short_where_they_do_not(
+        tiny_data, tmp_path, run_main, monkeypatch):
+    """Faked timings: short's step 1 s, hour's 2 s (2 steps an epoch, 20 s for the end). 78 s hold 12 of hour's
+    epochs, so the run is hour's, sized as hour's (and again after its first epoch), and says so; 42 s hold fewer
+    than 12 even of short's, so hour's step is not even timed."""
+    run_clock(monkeypatch, 2.0)  # the run's own steps: 2 s each on its clock, as hour's timing said
+    calls = []
+
+    def timed(fn, steps):  # a training step: short's first (1 s), then hour's (2 s); evaluation free
+        calls.append(steps)
+        return 0.0 if steps == 4 else float(calls.count(8))
+    monkeypatch.setattr(budget, "seconds_each", timed)
+
+    def run(minutes, name):
+        flags = base_args(tiny_data, tmp_path / name, "--model", "res", "--minutes", minutes, "--amp", "off",
+                          "--no-channels-last")
+        del flags[flags.index("--epochs"):flags.index("--epochs") + 2]
+        calls.clear()
+        rc, out, err = run_main(flags)
+        assert rc == 0, err
+        return out, json.load(open(tmp_path / name / "runs" / "r" / "config.json"))
+
+    out, cfg = run("1.3", "fits")
+    # short: (78 x 0.92 - 20) / 2 = 25 epochs; hour: (71.76 - 20) / 4 = 12; after its first epoch (4 s):
+    # 1 + (78 - 4 - 20) x 0.95 / 4 = 13
+    assert calls == [8, 4, 8, 4] and "--minutes 1.3: --preset hour (the best single model) takes ~4 s an epoch " \
+        "here: 12 of its epochs fit, so the run trains it instead" in out
+    assert (cfg["preset"], cfg["full_res_width"], cfg["tta_views"], cfg["epochs"]) == ("hour", 64, "flip_shift", 13)
+    weights = torch.load(tmp_path / "fits" / "runs" / "r" / "last.pth", weights_only=True)["state_dict"]
+    import models
+    assert all(v.shape == weights[k].shape for k, v in models.build_model("res", 64).state_dict().items())
+    out, cfg = run("0.7", "short")  # short: (38.64 - 20) / 2 = 9 epochs
+    assert calls == [8, 4] and "--preset hour" not in out and (cfg["preset"], cfg["full_res_width"]) == ("short", None)
