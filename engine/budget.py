@@ -1,11 +1,13 @@
 """Timing a run's own training step on this machine before it starts: the precision and memory layout that
---amp auto and --channels-last auto choose, and the epochs that --minutes N fits. Each timing steps a copy of the
+--amp auto and --channels-last auto choose, the epochs that --minutes N fits, and whether --model res trains
+--preset hour's recipe in them (where 12 of its epochs fit). Each timing steps a copy of the
 model built as the run builds it (state.build), so the run's weights and random state are untouched;
 each choice is saved with the run's settings, so a resume on the same machine keeps it.
 
     precision, layout: the fastest training step among the candidates the device runs natively
     epochs = (N minutes x MARGIN - setting up - the end of the run) / (an epoch's steps + its evaluations)
     then, after the first epoch: 1 + (N minutes - time so far - the end) x MEASURED_MARGIN / the first epoch's seconds
+    recipe: --preset hour's where its epochs, so counted, are HOUR_EPOCHS or more; else the run's own
 """
 import copy
 import math
