@@ -347,8 +347,8 @@ def test_minutes_moves_to_the_hour_recipe_only_for_res_s_default_recipe_with_non
 
 def test_minutes_trains_the_hour_recipe_where_its_12_epochs_fit_and_keeps_short_where_they_do_not(
         tiny_data, tmp_path, run_main, monkeypatch):
-    """Faked timings: short's step 1 s, hour's 2 s (2 steps an epoch, 20 s for the end). 78 s hold 12 of hour's
-    epochs, so the run is hour's, sized as hour's (and again after its first epoch), and says so; 42 s hold fewer
+    """Faked timings: short's step 1 s, hour's 2 s (1 step an epoch, 20 s for the end). 48 s hold 12 of hour's
+    epochs, so the run is hour's, sized as hour's (and again after its first epoch), and says so; 33 s hold fewer
     than 12 even of short's, so hour's step is not even timed."""
     run_clock(monkeypatch, 2.0)  # the run's own steps: 2 s each on its clock, as hour's timing said
     calls = []
@@ -360,21 +360,21 @@ def test_minutes_trains_the_hour_recipe_where_its_12_epochs_fit_and_keeps_short_
 
     def run(minutes, name):
         flags = base_args(tiny_data, tmp_path / name, "--model", "res", "--minutes", minutes, "--amp", "off",
-                          "--no-channels-last")
+                          "--no-channels-last", "--batch-size", "16")
         del flags[flags.index("--epochs"):flags.index("--epochs") + 2]
         calls.clear()
         rc, out, err = run_main(flags)
         assert rc == 0, err
         return out, json.load(open(tmp_path / name / "runs" / "r" / "config.json"))
 
-    out, cfg = run("1.3", "fits")
-    # short: (78 x 0.92 - 20) / 2 = 25 epochs; hour: (71.76 - 20) / 4 = 12; after its first epoch (4 s):
-    # 1 + (78 - 4 - 20) x 0.95 / 4 = 13
-    assert calls == [8, 4, 8, 4] and "--minutes 1.3: --preset hour (the best single model) takes ~4 s an epoch " \
+    out, cfg = run("0.8", "fits")
+    # short: (48 x 0.92 - 20) / 1 = 24 epochs; hour: (44.16 - 20) / 2 = 12; after its first epoch (2 s):
+    # 1 + (48 - 2 - 20) x 0.95 / 2 = 13
+    assert calls == [8, 4, 8, 4] and "--minutes 0.8: --preset hour (the best single model) takes ~2 s an epoch " \
         "here: 12 of its epochs fit, so the run trains it instead" in out
     assert (cfg["preset"], cfg["full_res_width"], cfg["tta_views"], cfg["epochs"]) == ("hour", 64, "flip_shift", 13)
     weights = torch.load(tmp_path / "fits" / "runs" / "r" / "last.pth", weights_only=True)["state_dict"]
     import models
     assert all(v.shape == weights[k].shape for k, v in models.build_model("res", 64).state_dict().items())
-    out, cfg = run("0.7", "short")  # short: (38.64 - 20) / 2 = 9 epochs
+    out, cfg = run("0.55", "short")  # short: (30.36 - 20) / 1 = 10 epochs
     assert calls == [8, 4] and "--preset hour" not in out and (cfg["preset"], cfg["full_res_width"]) == ("short", None)
