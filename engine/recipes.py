@@ -64,7 +64,8 @@ RECIPES = {
 # (the image and its mirror, each also moved by a pixel down-right and up-left) instead of two: the recipe chosen
 # for the best single model in an hour on a 2-core CPU with AVX512-BF16 (~1.8-2 times 'short''s time). Each of the
 # two had come out ahead every time it was measured without passing its rule alone; together they passed theirs on
-# a fifth split of held-out rows (docs/screening.md). On validation, three seeds: 96.16%, class-4 recall 0.911.
+# a fifth split of held-out rows (docs/screening.md). On validation, three seeds: 96.16%, class-4 recall 0.911
+# (trained on a GPU); a fourth on a 2-core CPU 96.24% in 90.6 minutes (a CPU half as fast as that of 'short''s).
 # --model res --minutes N trains it instead of 'short' where 12 of its epochs fit (hour_for_minutes, budget.py).
 # Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its
 # rate reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went

@@ -92,7 +92,7 @@ def summary_table(rows, whole_best_first=None):
         # the current recipes' single models, the best one's (hour) first, then those of the curve's machine
         # (another machine's run is not a better or worse recipe, only a slower CPU), then their votes, then the
         # rest, best first
-        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], k[2] == "hour",
+        keep = sorted(keep, key=lambda k: (current(k), current(k) and "vote" not in k[2], k[2].startswith("hour"),
                                            k[0] == CURVE_MACHINE, mean(k)), reverse=True)
         groups = {k: groups[k] for k in keep[:whole_best_first]}
     out = ["| model | recipe | machine | runs | val accuracy % | class-4 recall | epochs | minutes | chosen on val |",
