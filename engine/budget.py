@@ -54,6 +54,17 @@ def seconds_each(fn, steps):
     return fastest
 
 
+def forked_rng(device):
+    """The global random generators (and the GPU's), restored when the block ends: a timing draws nothing the run
+    would have drawn (dropout, a model's initialisation)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def planned_s(cfg, started, end_s):
+    """The seconds of --minutes planned for epochs: MARGIN of the budget, less the time so far and the end's."""
+    return cfg["minutes"] * 60 * MARGIN - (time.time() - started) - end_s
+
+
 def fit_epochs(left_s, epoch_s, at_least=1):
     """The whole epochs of epoch_s seconds that fit in left_s seconds (at least `at_least`)."""
     return max(at_least, math.floor(left_s / epoch_s))
@@ -92,7 +103,7 @@ def choose_precision_and_layout(cfg, raw, batches, device, saved=None, given=())
     elif len(amps) * len(layouts) == 1 or runtime.WORLD > 1:  # under torchrun: the first candidates, untimed
         chosen = dict(amp=amps[0], channels_last=layouts[-1], on=here, seconds=None)
     else:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with forked_rng(device):
             seconds = time_candidates(cfg, raw, batches, device, [(a, cl) for a in amps for cl in layouts])
         (amp, cl), _ = min(seconds.items(), key=lambda kv: kv[1])
         chosen = dict(amp=amp, channels_last=cl, on=here, seconds={describe(a, c): s for (a, c), s in seconds.items()})
@@ -154,14 +165,14 @@ def size_epochs(run, started):
     if runtime.WORLD > 1:
         raise UserError("--minutes sizes a run of one process: under torchrun give --epochs")
     # Dropout draws from the global generators: forked, so the run draws what it would have without this timing
-    with torch.random.fork_rng(devices=[run.state.device] if run.state.device.type == "cuda" else []):
+    with forked_rng(run.state.device):
         return _size_epochs(run, started)
 
 
 def _size_epochs(run, started):
     cfg = run.state.cfg
     epoch_s, end_s, step_s, judging_s = epoch_seconds(run, cfg, run.state.raw)
-    epochs = fit_epochs(cfg["minutes"] * 60 * MARGIN - (time.time() - started) - end_s, epoch_s)
+    epochs = fit_epochs(planned_s(cfg, started, end_s), epoch_s)
     log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(run.train_batches)} steps at "
         f"{cfg['batch_size'] / step_s:.0f} img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} "
         f"(saved with the run: a resume keeps them)")
@@ -220,12 +231,12 @@ def size_hour(run, started, hour):
     """--minutes for the hour's recipe (`hour`: the run's settings with --preset hour's): its step and evaluation
     timed on a model of its own (its first layer frozen as the run's, not computed: the timing needs its shape,
     not its filters). Returns (epochs, end's seconds) where HOUR_EPOCHS or more fit, else None."""
-    with torch.random.fork_rng(devices=[run.state.device] if run.state.device.type == "cuda" else []):
+    with forked_rng(run.state.device):
         raw = models.build_model("res", hour["full_res_width"]).to(run.state.device)
         if hour["whiten"]:
             whiten.whiten_first_conv(raw)
         epoch_s, end_s, _, _ = epoch_seconds(run, hour, raw)
-    epochs = fit_epochs(hour["minutes"] * 60 * MARGIN - (time.time() - started) - end_s, epoch_s, at_least=0)
+    epochs = fit_epochs(planned_s(hour, started, end_s), epoch_s, at_least=0)
     fits = epochs >= HOUR_EPOCHS
     log(f"--minutes {hour['minutes']:g}: --preset hour (the best single model) takes ~{epoch_s:.0f} s an epoch "
         f"here: {epochs} of its epochs fit, " + ("so the run trains it instead" if fits else

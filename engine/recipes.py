@@ -200,8 +200,7 @@ def hour_for_minutes(cfg, given):
     --model res's default recipe with a time budget, neither --preset nor one of hour's own settings given.
     None for any other run."""
     changes = {k: v for k, v in PRESETS["hour"].items() if PRESETS["short"].get(k) != v}
-    if (cfg["model"] != "res" or cfg["preset"] != "short" or "preset" in given or not cfg["minutes"]
-            or any(k in given for k in changes)):
+    if cfg["model"] != "res" or "preset" in given or not cfg["minutes"] or any(k in given for k in changes):
         return None
     return {**cfg, **changes, "preset": "hour"}
 

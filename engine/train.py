@@ -189,9 +189,7 @@ def set_up(cfg, given, resume, checked=None):
     if ckpt is not None:
         folders.check_resume_data(ckpt, data_rows, cfg, path)
     tr, va, held, te = load_data(cfg, device, data)
-    raw = build_model(cfg).to(device)
-    if cfg["whiten"]:  # before the optimizer is made: it steps only what is not frozen (a resume loads the filters)
-        whiten.whiten_first_conv(raw, tr if ckpt is None else None)
+    raw = new_model(cfg, tr, device, resumed=ckpt is not None)
     budget.choose_precision_and_layout(cfg, raw, tr, device, ckpt and ckpt["config"], given if ckpt else ())
     state = build_state(cfg, raw, tr, device, gen, data_rows)
     raise_lost_interrupt()  # its first call imports Triton, where a Ctrl-C can be lost (errors.py): act before a folder
@@ -211,14 +209,20 @@ def set_up(cfg, given, resume, checked=None):
         if sized:  # the run becomes --preset hour's, built as that preset builds it
             cfg.update(hour, epochs=sized[0])
             run.end_s = sized[1]
-            raw = build_model(cfg).to(device)
-            if cfg["whiten"]:
-                whiten.whiten_first_conv(raw, tr)
-            run.state = state = build_state(cfg, raw, tr, device, gen, data_rows)
+            run.state = state = build_state(cfg, new_model(cfg, tr, device), tr, device, gen, data_rows)
         state.sched = optim.make_scheduler(cfg, state.opt, len(tr))
     if runtime.RANK == 0:
         folders.start_log(run, ckpt is not None)
     return run
+
+
+def new_model(cfg, tr, device, resumed=False):
+    """The model of cfg on `device`, its first layer whitened from the training split where the recipe says so:
+    before the optimizer is made, which steps only what is not frozen (a resume loads the filters instead)."""
+    raw = build_model(cfg).to(device)
+    if cfg["whiten"]:
+        whiten.whiten_first_conv(raw, None if resumed else tr)
+    return raw
 
 
 def build_state(cfg, raw, tr, device, gen, data_rows):
