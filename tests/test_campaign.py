@@ -184,6 +184,9 @@ def test_sweep_runs_seeds_at_once_reports_a_failing_run_and_records(tiny_data, t
     rows = results.read_rows(str(record))
     assert [r["seed"] for r in rows] == ["0", "1"] and list(rows[0]) == results.FIELDS
     assert all(r["selected_on_val"] == "yes" and float(r["val_acc"]) >= 0 and r["machine"] for r in rows)
+    # named as the tables name recipes: what trained, the flags that changed it, and that the runs shared the cores
+    assert {r["recipe"] for r in rows} == {f"report, --batch-size 8 --epochs 1 (three runs beside each other on the "
+                                           f"same CPU cores, python -m tools.sweep --file {tmp_path / 'c.txt'})"}
 
 
 def test_sweep_budget_stops_runs_resumably(tiny_data, tmp_path, capsys, monkeypatch):

@@ -9,7 +9,9 @@ comment). --seeds runs each command once per seed (a command with its own --seed
 when the time is up, every run still going gets SIGTERM, saves a last.pth that `main.py --resume`
 continues, and is reported as stopped; runs not started yet are reported as not started. Ctrl-C, SIGTERM and
 SIGHUP do the same. A run that fails is reported with its one-line error; the others go on. --record appends a row per
-run that has a result to docs/results.csv (python -m tools.results then remakes the tables).
+run that has a result to docs/results.csv (python -m tools.results then remakes the tables), its recipe named as the
+tables name them: the preset ('report' where none), the flags that changed it, and, where runs shared the machine,
+that they did (their minutes are then not one run's alone).
 """
 import argparse
 import datetime
@@ -154,7 +156,8 @@ def outcome(job, out_dir):
         rows = []
     cfg = read_json(os.path.join(run_dir, "config.json")) or {}
     rep = read_json(os.path.join(run_dir, "report.json"))
-    out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")), epochs=len(rows))
+    out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")), epochs=len(rows),
+               preset=cfg.get("preset", ""))
     if rows and rows[-1]["holdout_acc"] is not None:  # --holdout: the reported epoch's accuracy on the held-out rows
         out["holdout_acc"] = f"{100 * reported_epoch(rows, out['select'])['holdout_acc']:.2f}"
     if job["rc"] == 0 and rep is not None:
@@ -214,11 +217,32 @@ def table(outs):
     return "\n".join(lines)
 
 
-def result_rows(outs):
-    """docs/results.csv rows of the runs that have a result (finished, or stopped with an epoch done)."""
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+# flags (with their values) that the row says in its own columns or the recipe's name, or that do not change training
+NAMED = ("--model", "--preset", "--data-dir", "--seed", "--ckpt-dir", "--cache-dir", "--out-dir", "--run-name")
+
+
+def recipe_name(o, at_once, source):
+    """The row's recipe as docs/results.csv names them: the recipe the run trained ('report' where it has no preset),
+    the flags that changed it, how it ended, and, for runs that shared the machine, that they did (their minutes are
+    then not one run's alone, and the tables leave them out of the time columns)."""
+    words = o["flags"]
+    extra = " ".join(w for k, w in enumerate(words)
+                     if w not in NAMED and w != "--quiet" and (k == 0 or words[k - 1] not in NAMED))
+    name = ("screening, " if o.get("holdout_acc", "") != "" else "") + (o.get("preset") or "report")
+    name += f", {extra}" if extra else ""
+    name += f", stopped by the sweep's time budget after epoch {o['epochs']}" if o["status"] == "stopped" else ""
+    if at_once > 1:
+        where = "one GPU" if not o["machine"].startswith("CPU") else "the same CPU cores"
+        name += f" ({NUMBERS.get(at_once, at_once)} runs beside each other on {where}, {source})"
+    return name
+
+
+def result_rows(outs, at_once=1, source="python -m tools.sweep"):
+    """docs/results.csv rows of the runs that have a result (finished, or stopped with an epoch done); `at_once`:
+    how many ran at a time."""
     return [dict(date=f"{datetime.date.today()}", machine=o["machine"], model=o["flags"][o["flags"].index("--model") + 1]
-                 if "--model" in o["flags"] else "three", recipe=o["recipe"] + (" (stopped)" if o["status"] == "stopped"
-                                                                             else ""),
+                 if "--model" in o["flags"] else "three", recipe=recipe_name(o, at_once, source),
                  command=f"python main.py {' '.join(o['flags'])}", seed=o["seed"], epochs=o["epochs"],
                  minutes=f"{o['minutes']:.2f}", val_acc=f"{o['val_acc']:.2f}", holdout_acc=o.get("holdout_acc", ""),
                  class4_recall="" if o["class4_recall"] == "" else f"{o['class4_recall']:.3f}",
@@ -257,7 +281,8 @@ def main(argv=None):
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump([{k: v for k, v in o.items() if k not in ("proc", "out", "err")} for o in outs], f, indent=2)
     if a.record:
-        rows = result_rows(outs)
+        source = "python -m tools.sweep" + (f" --file {a.file}" if a.file else "")
+        rows = result_rows(outs, min(max(1, a.jobs), len(jobs)), source)
         results.append_rows(rows, a.record)
         print(f"recorded {len(rows)} run(s) in {a.record}")
     return 0 if all(o["status"] == "finished" for o in outs) else 1
