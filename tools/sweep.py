@@ -241,8 +241,9 @@ def recipe_name(o, at_once, source):
 def result_rows(outs, at_once=1, source="python -m tools.sweep"):
     """docs/results.csv rows of the runs that have a result (finished, or stopped with an epoch done); `at_once`:
     how many ran at a time."""
-    return [dict(date=f"{datetime.date.today()}", machine=o["machine"], model=o["flags"][o["flags"].index("--model") + 1]
-                 if "--model" in o["flags"] else "three", recipe=recipe_name(o, at_once, source),
+    model = lambda o: o["flags"][o["flags"].index("--model") + 1] if "--model" in o["flags"] else "three"  # noqa: E731
+    return [dict(date=f"{datetime.date.today()}", machine=o["machine"], model=model(o),
+                 recipe=recipe_name(o, at_once, source),
                  command=f"python main.py {' '.join(o['flags'])}", seed=o["seed"], epochs=o["epochs"],
                  minutes=f"{o['minutes']:.2f}", val_acc=f"{o['val_acc']:.2f}", holdout_acc=o.get("holdout_acc", ""),
                  class4_recall="" if o["class4_recall"] == "" else f"{o['class4_recall']:.3f}",
