@@ -71,7 +71,7 @@ def add_recipe_flags(r):
     r.add_argument("--epochs", type=int)
     r.add_argument("--minutes", type=float, help="instead of --epochs: the epochs that fit in this many minutes "
                    "on this machine, measured when the run starts and again after its first epoch (evaluation and "
-                   "submission included); --model res trains --preset hour instead where its 12 epochs fit")
+                   "submission included); --model res trains --preset hour instead where 7 of its epochs fit")
     r.add_argument("--early-stop", type=int, help="stop after this many epochs without a better val (or held-out) "
                    "accuracy (--preset short and strong: never, their schedules run to their end)")
     r.add_argument("--optimizer", choices=["adam", "adamw", "muon"], help="adam (the report's; weight decay as "

@@ -345,11 +345,13 @@ def test_minutes_moves_to_the_hour_recipe_only_for_res_s_default_recipe_with_non
         assert hour(*flags) is None, flags
 
 
-def test_minutes_trains_the_hour_recipe_where_its_12_epochs_fit_and_keeps_short_where_they_do_not(
+def test_minutes_trains_the_hour_recipe_where_7_of_its_epochs_fit_and_keeps_short_where_they_do_not(
         tiny_data, tmp_path, run_main, monkeypatch):
     """Faked timings: short's step 1 s, hour's 2 s (1 step an epoch, 20 s for the end). 48 s hold 12 of hour's
-    epochs, so the run is hour's, sized as hour's (and again after its first epoch), and says so; 33 s hold fewer
-    than 12 even of short's, so hour's step is not even timed."""
+    epochs, so the run is hour's, sized as hour's (and again after its first epoch), and says so; 33 s hold 10 of
+    short's but only 5 of hour's, fewer than budget.HOUR_EPOCHS (7), so the run keeps short; 25 s hold fewer than 7
+    even of short's, so hour's step is not even timed."""
+    assert budget.HOUR_EPOCHS == 7
     run_clock(monkeypatch, 2.0)  # the run's own steps: 2 s each on its clock, as hour's timing said
     calls = []
 
@@ -376,5 +378,8 @@ def test_minutes_trains_the_hour_recipe_where_its_12_epochs_fit_and_keeps_short_
     weights = torch.load(tmp_path / "fits" / "runs" / "r" / "last.pth", weights_only=True)["state_dict"]
     import models
     assert all(v.shape == weights[k].shape for k, v in models.build_model("res", 64).state_dict().items())
-    out, cfg = run("0.55", "short")  # short: (30.36 - 20) / 1 = 10 epochs
+    out, cfg = run("0.55", "short")  # short: (30.36 - 20) / 1 = 10 epochs; hour: (30.36 - 20) / 2 = 5
+    assert calls == [8, 4, 8, 4] and "5 of its epochs fit, fewer than 7, so the run keeps --preset short" in out
+    assert (cfg["preset"], cfg["full_res_width"]) == ("short", None)
+    out, cfg = run("0.42", "shorter")  # short: (23.18 - 20) / 1 = 3 epochs
     assert calls == [8, 4] and "--preset hour" not in out and (cfg["preset"], cfg["full_res_width"]) == ("short", None)
