@@ -50,7 +50,7 @@ def read_commands(path, data_dir=None):
 
 
 def plan_jobs(commands, seeds):
-    """One job per command and seed: {name, recipe (the flags less --seed), seed, flags}."""
+    """One job per command and seed: {name, model, recipe (the flags less --seed), seed, flags}."""
     jobs = []
     for i, flags in enumerate(commands):
         model = flags[flags.index("--model") + 1] if "--model" in flags else "three"
@@ -58,7 +58,7 @@ def plan_jobs(commands, seeds):
         recipe = [w for k, w in enumerate(flags) if w != "--seed" and (k == 0 or flags[k - 1] != "--seed")]
         for seed in ([own] if own is not None or not seeds else seeds):
             seed = "0" if seed is None else str(seed)
-            jobs.append(dict(name=f"{i + 1:02d}-{model}-s{seed}", recipe=" ".join(recipe), seed=seed,
+            jobs.append(dict(name=f"{i + 1:02d}-{model}-s{seed}", model=model, recipe=" ".join(recipe), seed=seed,
                              flags=[*recipe, "--seed", seed]))
     return jobs
 
@@ -241,8 +241,7 @@ def recipe_name(o, at_once, source):
 def result_rows(outs, at_once=1, source="python -m tools.sweep"):
     """docs/results.csv rows of the runs that have a result (finished, or stopped with an epoch done); `at_once`:
     how many ran at a time."""
-    model = lambda o: o["flags"][o["flags"].index("--model") + 1] if "--model" in o["flags"] else "three"  # noqa: E731
-    return [dict(date=f"{datetime.date.today()}", machine=o["machine"], model=model(o),
+    return [dict(date=f"{datetime.date.today()}", machine=o["machine"], model=o["model"],
                  recipe=recipe_name(o, at_once, source),
                  command=f"python main.py {' '.join(o['flags'])}", seed=o["seed"], epochs=o["epochs"],
                  minutes=f"{o['minutes']:.2f}", val_acc=f"{o['val_acc']:.2f}", holdout_acc=o.get("holdout_acc", ""),
