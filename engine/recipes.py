@@ -66,7 +66,8 @@ RECIPES = {
 # two had come out ahead every time it was measured without passing its rule alone; together they passed theirs on
 # a fifth split of held-out rows (docs/screening.md). On validation, three seeds: 96.16%, class-4 recall 0.911
 # (trained on a GPU); a fourth on a 2-core CPU 96.24% in 90.6 minutes (a CPU half as fast as that of 'short''s).
-# --model res --minutes N trains it instead of 'short' where 7 of its epochs fit (hour_for_minutes, budget.py).
+# --model res --minutes N trains it instead of 'short' where 7 of its epochs fit (hour_for_minutes below; its
+# epochs timed by budget.size_hour).
 # Neither 'short', 'hour' nor 'strong' stops early (early_stop None): a fixed schedule runs to its end, where its
 # rate reaches zero, however many epochs --epochs or --minutes gives it (judged on held-out rows, a 24-epoch run went
 # five epochs without a better figure in the middle of its decay, where held-out accuracy dips before it rises).
