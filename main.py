@@ -61,6 +61,12 @@ def build_parser():
     return p
 
 
+def epochs(text):
+    """--epochs: a whole number stays one (12, not 12.0, in the run's settings and lines)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def add_recipe_flags(r):
     r.add_argument("--batch-size", type=int)
     r.add_argument("--lr", type=float)
@@ -68,7 +74,8 @@ def add_recipe_flags(r):
     r.add_argument("--label-smoothing", type=float)
     r.add_argument("--plateau-patience", type=int, help="ReduceLROnPlateau patience (epochs)")
     r.add_argument("--plateau-factor", type=float, help="ReduceLROnPlateau factor")
-    r.add_argument("--epochs", type=int)
+    r.add_argument("--epochs", type=epochs, help="may be fractional (8.5: 8 epochs, then half of one more; what "
+                   "--minutes sizes)")
     r.add_argument("--minutes", type=float, help="instead of --epochs: the epochs that fit in this many minutes "
                    "on this machine, measured when the run starts and again after its first epoch (evaluation and "
                    "submission included); --model res trains --preset hour instead where 7 of its epochs fit")

@@ -7,6 +7,7 @@ each choice is saved with the run's settings, so a resume on the same machine ke
     precision, layout: the fastest training step among the candidates the device runs natively
     epochs = (N minutes x MARGIN - setting up - the end of the run) / (an epoch's steps + its evaluations)
     then, after the first epoch: 1 + (N minutes - time so far - the end) x MEASURED_MARGIN / the first epoch's seconds
+    (whole epochs, then the steps of one more that fit beside its evaluations: a fractional --epochs, fit_epochs)
     recipe: --preset hour's where its epochs, so counted, are HOUR_EPOCHS or more; else the run's own
 """
 import copy
@@ -65,9 +66,14 @@ def planned_s(cfg, started, end_s):
     return cfg["minutes"] * 60 * MARGIN - (time.time() - started) - end_s
 
 
-def fit_epochs(left_s, epoch_s, at_least=1):
-    """The whole epochs of epoch_s seconds that fit in left_s seconds (at least `at_least`)."""
-    return max(at_least, math.floor(left_s / epoch_s))
+def fit_epochs(left_s, epoch_s, at_least=1, judging_s=0.0, steps=1):
+    """The epochs of epoch_s seconds that fit in left_s seconds (at least `at_least`): whole epochs, then as many
+    of one more epoch's `steps` steps as fit beside that epoch's evaluation (judging_s of epoch_s): a fractional
+    --epochs (optim.epoch_steps), rounded to 4 decimals (the step it names is the same)."""
+    whole = math.floor(left_s / epoch_s)
+    rest = left_s - whole * epoch_s - judging_s
+    part = min(steps - 1, math.floor(rest * steps / (epoch_s - judging_s))) if rest > 0 else 0
+    return max(at_least, whole if part <= 0 else round(whole + part / steps, 4))
 
 
 # ==============================================================================================
@@ -172,9 +178,10 @@ def size_epochs(run, started):
 def _size_epochs(run, started):
     cfg = run.state.cfg
     epoch_s, end_s, step_s, judging_s = epoch_seconds(run, cfg, run.state.raw)
-    epochs = fit_epochs(planned_s(cfg, started, end_s), epoch_s)
-    log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({len(run.train_batches)} steps at "
-        f"{cfg['batch_size'] / step_s:.0f} img/s, evaluation {judging_s:.0f} s): {epochs} epoch{'s' * (epochs != 1)} "
+    steps = len(run.train_batches)
+    epochs = fit_epochs(planned_s(cfg, started, end_s), epoch_s, 1, judging_s, steps)
+    log(f"--minutes {cfg['minutes']:g}: an epoch takes ~{epoch_s:.0f} s here ({steps} steps at "
+        f"{cfg['batch_size'] / step_s:.0f} img/s, evaluation {judging_s:.0f} s): {epochs:g} epoch{'s' * (epochs != 1)} "
         f"(saved with the run: a resume keeps them)")
     return epochs, end_s
 
@@ -236,11 +243,11 @@ def size_hour(run, started, hour):
         raw = models.build_model("res", hour["full_res_width"]).to(run.state.device)
         if hour["whiten"]:
             whiten.whiten_first_conv(raw)
-        epoch_s, end_s, _, _ = epoch_seconds(run, hour, raw)
-    epochs = fit_epochs(planned_s(hour, started, end_s), epoch_s, at_least=0)
+        epoch_s, end_s, _, judging_s = epoch_seconds(run, hour, raw)
+    epochs = fit_epochs(planned_s(hour, started, end_s), epoch_s, 0, judging_s, len(run.train_batches))
     fits = epochs >= HOUR_EPOCHS
     log(f"--minutes {hour['minutes']:g}: --preset hour (the best single model) takes ~{epoch_s:.0f} s an epoch "
-        f"here: {epochs} of its epochs fit, " + ("so the run trains it instead" if fits else
+        f"here: {epochs:g} of its epochs fit, " + ("so the run trains it instead" if fits else
                                                   f"fewer than {HOUR_EPOCHS}, so the run keeps --preset short"))
     return (epochs, end_s) if fits else None
 
@@ -251,9 +258,9 @@ def schedule_waits_for_the_first_epoch(cfg):
     return cfg["scheduler"] == "plateau" or (cfg["scheduler"] in ("linear", "warmup_cosine") and cfg["warmup"] >= 1)
 
 
-def resize_after_first_epoch(run, epoch_s):
+def resize_after_first_epoch(run, epoch_s, judging_s):
     """--minutes, once the first epoch has run: the epochs are sized again from what it took (training and its
-    evaluations, `epoch_s`), where the schedule has not yet depended on their number (a warmup of an epoch or more,
+    evaluations, `epoch_s`, judging_s of it the evaluations), where the schedule has not yet depended on their number (a warmup of an epoch or more,
     or the plateau schedule). Why: the timing before the start steps a fresh copy of the model for a few seconds,
     and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8% slower than the epochs then ran
     (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted 5 epochs where 6 take 13
@@ -265,11 +272,11 @@ def resize_after_first_epoch(run, epoch_s):
     if not schedule_waits_for_the_first_epoch(cfg):
         return False
     left_s = cfg["minutes"] * 60 - (time.time() - run.started) - run.end_s
-    epochs = 1 + fit_epochs(left_s * MEASURED_MARGIN, epoch_s, at_least=0)
+    epochs = round(1 + fit_epochs(left_s * MEASURED_MARGIN, epoch_s, 0, judging_s, len(run.train_batches)), 4)
     if epochs == cfg["epochs"]:
         return False
-    log(f"--minutes {cfg['minutes']:g}: the first epoch took {epoch_s:.0f} s: {epochs} epochs in all, not "
-        f"{cfg['epochs']} (saved with the run)")
+    log(f"--minutes {cfg['minutes']:g}: the first epoch took {epoch_s:.0f} s: {epochs:g} epochs in all, not "
+        f"{cfg['epochs']:g} (saved with the run)")
     cfg["epochs"] = epochs
     if cfg["scheduler"] != "plateau":  # the plateau schedule does not know the number of epochs
         saved = s.sched.state_dict()

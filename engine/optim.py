@@ -1,5 +1,6 @@
 """The optimizers (the report's Adam, AdamW, and Muon for the convolutions beside AdamW for the rest), loading their
-saved state, and the learning-rate schedules. The loss is in loss.py, the EMA of the weights in ema.py; state.py
+saved state, the learning-rate schedules, and a run's length in steps (--epochs may end part-way through an
+epoch). The loss is in loss.py, the EMA of the weights in ema.py; state.py
 puts them together into a run's state, trainstep.py into a step.
 """
 import math
@@ -127,6 +128,24 @@ class MuonFP32(torch.optim.Muon):
                 p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
 
 
+# ==============================================================================================
+# A run's length in steps. --epochs may be fractional (as --minutes sizes it: the steps of one more epoch that fit
+# in what whole epochs leave of the budget): ceil(epochs) epochs, the last of them only its share of the steps
+# (at least one). Why: whole epochs left up to an epoch of the budget unused; on a 2-core AMD EPYC (Zen 4)
+# --minutes 15 trained 3 epochs of 212 s and ended after 11.9 minutes, --minutes 60 8 of ~385 s and ended after
+# 54.0-54.8 (docs/results.csv).
+
+def epoch_steps(epochs, epoch, per_epoch):
+    """The training steps of epoch `epoch` (0 for the first) of a run of `epochs` epochs of per_epoch steps."""
+    if epoch + 1 < math.ceil(epochs):
+        return per_epoch
+    return max(1, min(per_epoch, round((epochs - math.ceil(epochs) + 1) * per_epoch)))
+
+
+def total_steps(epochs, per_epoch):
+    return (math.ceil(epochs) - 1) * per_epoch + epoch_steps(epochs, math.ceil(epochs) - 1, per_epoch)
+
+
 # Schedules stepped after every training step rather than once an epoch.
 PER_STEP_SCHEDULES = ("linear",)
 
@@ -136,8 +155,8 @@ def make_scheduler(cfg, opt, steps_per_epoch=1):
     rate rises linearly over --warmup epochs (large early steps of AdamW at batch 64 on freshly initialised
     BatchNorm statistics diverge less), then falls as a cosine to ~0 at --epochs. These three step once an epoch.
     linear: stepped every step; the rate rises linearly over --warmup epochs, then falls linearly to zero at the
-    last step of --epochs. Why: over a fixed budget, a rate that decays linearly to zero at its end beats the
-    step, cosine and exponential schedules, most of all when the budget is short (Li, Yumer and Ramanan,
+    last step of --epochs (total_steps). Why: over a fixed budget, a rate that decays linearly to zero at its end
+    beats the step, cosine and exponential schedules, most of all when the budget is short (Li, Yumer and Ramanan,
     "Budgeted training", ICLR 2020); a per-step rate makes the warmup and the decay smooth in a run of a few
     epochs. Why LambdaLR and not SequentialLR of LinearLR / CosineAnnealingLR: the rate of any step is then one
     closed formula, which a resume with another --epochs (follow_epochs) and a skipped fp16 step
@@ -154,7 +173,7 @@ def make_scheduler(cfg, opt, steps_per_epoch=1):
             return 0.5 * (1 + math.cos(math.pi * (done - warm) / max(1, total - warm)))
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if cfg["scheduler"] == "linear":
-        warm, total = round(cfg["warmup"] * steps_per_epoch), cfg["epochs"] * steps_per_epoch
+        warm, total = round(cfg["warmup"] * steps_per_epoch), total_steps(cfg["epochs"], steps_per_epoch)
 
         def linear(done):  # done: steps finished; the rate of the next step
             if done < warm:

@@ -122,7 +122,7 @@ LIMITS = {  # setting: (is it valid, what it may be)
     "label_smoothing": (lambda v: 0 <= v < 1, "0 or more and below 1"),
     "plateau_patience": (lambda v: v >= 0, "0 or more"),
     "plateau_factor": (lambda v: 0 < v < 1, "above 0 and below 1"),
-    "epochs": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: 1 <= v < math.inf, "at least 1"),
     "early_stop": (lambda v: v is None or v >= 1, "at least 1"),
     "ema": (lambda v: 0 <= v < 1, "0 (off) or a decay below 1, such as 0.999"),
     "focal_gamma": (lambda v: 0 <= v < math.inf, "0 (off) or more"),

@@ -5,6 +5,7 @@ it is trainstep.py's.
 
     train(cfg, given, resume)      set_up -> [one_epoch -> end_of_epoch] x epochs -> finish
 """
+import itertools
 import os
 import signal
 import sys
@@ -75,24 +76,26 @@ class NumericalError(Exception):
 
 
 def train_steps(run, start, stats):
-    """Train over one epoch's batches from step `start`; stats (device tensors) accumulate loss and accuracy.
-    Returns the number of steps done (stops early when Stop.signal is set)."""
+    """Train over one epoch's batches from step `start` (the last epoch of a fractional --epochs: its share of them);
+    stats (device tensors) accumulate loss and accuracy. Returns the number of steps done (stops early when
+    Stop.signal is set)."""
     s = run.state
     cfg, batches, epoch = s.cfg, run.train_batches, s.epoch + 1
+    steps = epoch_steps(run)
     s.model.train()
     done = start
-    losses = torch.zeros(len(batches), device=s.device)  # checked in chunks: no GPU sync per step
-    bar = runtime.progress(len(batches), f"epoch {epoch} train", cfg)
+    losses = torch.zeros(steps, device=s.device)  # checked in chunks: no GPU sync per step
+    bar = runtime.progress(steps, f"epoch {epoch} train", cfg)
     bar.update(start)
     t0 = time.time()
-    for x, y, _ in batches.batches(s.plan, s.gen, start):
+    for x, y, _ in itertools.islice(batches.batches(s.plan, s.gen, start), steps - start):
         batch_loss, out = trainstep.step(s, x, y)
         losses[done] = batch_loss.detach()
         stats[0] += batch_loss.detach() * len(y)
         stats[1] += (out.argmax(1) == y).sum()
         stats[2] += len(y)
         done += 1
-        if done % 50 == 0 or done == len(batches):
+        if done % 50 == 0 or done == steps:
             check_finite(losses[:done], epoch)
             trainstep.follow_steps_taken(s)
             if bar.disable is False:
@@ -105,6 +108,11 @@ def train_steps(run, start, stats):
     bar.close()
     check_finite(losses[:done], epoch)
     return done
+
+
+def epoch_steps(run):
+    """The steps of the epoch the run is in."""
+    return optim.epoch_steps(run.state.cfg["epochs"], run.state.epoch, len(run.train_batches))
 
 
 def check_finite(losses, epoch):
@@ -294,7 +302,7 @@ def one_epoch(run):
         s.plan, s.partial = run.train_batches.plan(s.gen), torch.zeros(3, device=s.device)
     run.phase = "train"  # which of the two ran out of memory, if one does
     s.step = train_steps(run, s.step, s.partial)
-    if Stop.signal is None or s.step == len(run.train_batches):
+    if Stop.signal is None or s.step == epoch_steps(run):
         return None
     if runtime.RANK == 0:
         folders.save_state(run, run.last)
@@ -322,11 +330,13 @@ def end_of_epoch(run):
     if runtime.WORLD > 1:
         torch.distributed.all_reduce(s.partial)
     run.phase = "validate"
+    judging_from = time.time()
     eval_model = s.ema.module if s.ema is not None else s.raw
     val_loss, val_acc, s.recall = inference.evaluate_split(eval_model, run.val_batches, cfg, s.device, s.amp)
     held_acc = ""
     if run.holdout_batches is not None:  # the selection metric, and the recall --class-weights auto follows
         _, held_acc, s.recall = inference.evaluate_split(eval_model, run.holdout_batches, cfg, s.device, s.amp)
+    judging_s = time.time() - judging_from
     score = held_acc if cfg["select"] == "holdout" else val_acc  # what chooses best.pth (not used by 'last')
     lr = s.opt.param_groups[0]["lr"]
     if isinstance(s.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -344,7 +354,7 @@ def end_of_epoch(run):
     row = dict(epoch=s.epoch, lr=lr, train_loss=s.partial[0].item() / n, train_acc=s.partial[1].item() / n,
                val_loss=val_loss, val_acc=val_acc, holdout_acc=held_acc, seconds=time.time() - run.t0)
     resized = (s.epoch == 1 and run.end_s is not None  # sized by --minutes in this process, now from a real epoch
-               and budget.resize_after_first_epoch(run, row["seconds"]))
+               and budget.resize_after_first_epoch(run, row["seconds"], judging_s))
     s.finished = stops_early(cfg, s.bad_epochs) or s.epoch >= cfg["epochs"]
     if runtime.RANK == 0:
         if resized:

@@ -85,6 +85,34 @@ def test_a_run_of_the_short_recipe_stopped_mid_epoch_resumes_exactly(optimizer, 
     assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
+def test_a_fractional_epochs_trains_its_share_of_the_last_epoch_and_resumes_exactly_inside_it(
+        tiny_data, tmp_path, run_main, monkeypatch):
+    """--epochs 2.5 at 4 steps an epoch: 2 epochs, then 2 steps of a third (validated and logged as an epoch), the
+    linear rate at zero after the 10th step; stopped inside the third and resumed, the same run."""
+    assert [optim.epoch_steps(2.5, e, 4) for e in range(3)] == [4, 4, 2] and optim.total_steps(2.5, 4) == 10
+    assert optim.epoch_steps(2.01, 2, 4) == 1 and optim.total_steps(3, 4) == 12  # at least one step; whole: all
+    flags = ("--batch-size", "4", "--epochs", "2.5", "--scheduler", "linear", "--warmup", "0.5", "--select", "last",
+             "--deterministic", "--lr", "1e-3", "--optimizer", "adamw", "--amp", "bf16", "--channels-last")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_main(base_args(tiny_data, ref, *flags))[0] == 0
+    stop_at_loss(monkeypatch, 9)  # epoch 3, the first of its two steps
+    assert run_main(base_args(tiny_data, cut, *flags))[0] == 143
+    saved = torch.load(cut / "runs" / "r" / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (2, 1)  # the stop lands after the step it was asked in
+    monkeypatch.undo()
+    rc, out, err = run_main(["--resume", cut / "runs" / "r"])
+    assert rc == 0 and "resuming" in out and "epoch 3, step 2" in out, err
+    a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (ref, cut))
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 10 and a["epoch"] == 3
+    assert a["optimizer"]["param_groups"][0]["lr"] == 0 and a["config"]["epochs"] == 2.5
+    logs = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(d / "runs" / "r" / "log.csv"))]
+            for d in (ref, cut)]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    rc, out, _ = run_main(["--resume", ref / "runs" / "r"])
+    assert rc == 0 and "already finished (epoch 3 of --epochs 2.5" in out
+
+
 def test_tta_views_flip_is_the_image_and_its_mirror(tiny_data, tmp_path):
     x = torch.randn(2, 3, 100, 100)
     views = dataloader.tta_views(x, "flip")
@@ -114,9 +142,15 @@ def test_judge_holdout_reports_a_runs_held_out_rows_and_refuses_a_run_without(ti
         judge_holdout.main([str(tmp_path / "plain" / "runs" / "r" / "best.pth")])
 
 
-def test_fit_epochs_counts_whole_epochs_and_keeps_at_least_one():
+def test_fit_epochs_counts_whole_epochs_then_the_steps_of_one_more_and_keeps_at_least_one():
     assert budget.fit_epochs(149.9, 50) == 2 and budget.fit_epochs(150, 50) == 3
     assert budget.fit_epochs(30, 500) == 1 and budget.fit_epochs(30, 500, at_least=0) == 0
+    # 50 s epochs of 4 steps (10 s each) and 10 s of evaluation: 3 epochs in 150 s; 25 s more hold the evaluation
+    # and one step (3.25), 49.9 s three (3.75), 9.9 s none: a fourth epoch's evaluation alone would not pay
+    assert budget.fit_epochs(175, 50, judging_s=10, steps=4) == 3.25
+    assert budget.fit_epochs(199.9, 50, judging_s=10, steps=4) == 3.75
+    assert budget.fit_epochs(159.9, 50, judging_s=10, steps=4) == 3
+    assert budget.fit_epochs(60, 500, judging_s=10, steps=195) == 1  # less than an epoch: at least one, whole
 
 
 def test_the_step_timing_takes_its_fastest_window(monkeypatch):
@@ -179,6 +213,29 @@ def test_minutes_sizes_the_run_then_again_from_its_first_epoch_as_that_many_epoc
     assert rc == 0 and "already finished (epoch 7 of --epochs 7" in out
     rc, _, err = run_main(base_args(tiny_data, tmp_path / "c", "--minutes", "2", "--epochs", "3"))
     assert rc == 2 and "give --minutes or --epochs, not both" in err
+
+
+def test_minutes_fills_its_budget_to_the_step_as_the_same_fractional_epochs_would_train(tiny_data, tmp_path, run_main,
+                                                                                         monkeypatch):
+    """Where the time whole epochs leave holds an evaluation and some steps of one more epoch, the run trains those
+    steps too: a fractional --epochs, the run that --epochs gives it would train."""
+    run_clock(monkeypatch, 10.0)  # 10 s a step, 2 steps an epoch: 20 s
+    monkeypatch.setattr(budget, "seconds_each", lambda fn, steps: (fn(), 30.0 if steps == 8 else 0.0)[1])
+    flags = ("--scheduler", "linear", "--warmup", "1", "--deterministic", "--select", "last", "--amp", "off",
+             "--no-channels-last")
+    sized = base_args(tiny_data, tmp_path / "a", "--minutes", "3.2", *flags)
+    del sized[sized.index("--epochs"):sized.index("--epochs") + 2]
+    rc, out, err = run_main(sized)
+    assert rc == 0, err
+    # after the first: (192 - 30 s so far - 20 for the end) x 0.95 = 134.9 s: 6 epochs of 20 s, and 14.9 s hold one
+    # step of 10 s more (the evaluation is free here): 1 + 6.5 = 7.5 epochs
+    assert "the first epoch took 20 s: 7.5 epochs in all, not 2 (saved with the run)" in out, out
+    run = tmp_path / "a" / "runs" / "r"
+    assert json.load(open(run / "config.json"))["epochs"] == 7.5 and len(open(run / "log.csv").readlines()) == 9
+    assert run_main(base_args(tiny_data, tmp_path / "b", "--epochs", "7.5", *flags))[0] == 0
+    a, b = (torch.load(d / "runs" / "r" / "last.pth", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["scheduler"]["last_epoch"] == 15 and a["optimizer"]["param_groups"][0]["lr"] == 0
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
 
 
 def test_a_run_sized_again_keeps_its_number_where_the_schedule_already_depends_on_it(tiny_data, tmp_path, run_main,

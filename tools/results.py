@@ -54,6 +54,13 @@ def spread(values, digits=2):
     return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
+def epochs_of(rows):
+    """Their epochs: whole numbers as such, a fractional --epochs (as --minutes sizes it) to two decimals."""
+    values = [r["epochs"] for r in rows]
+    whole = all(float(v).is_integer() for v in values if v != "")
+    return spread(values, 0 if whole else 2)
+
+
 def groups_of(rows):
     """The rows grouped by machine, model and recipe (the seeds of one recipe), in the CSV's order."""
     groups = {}
@@ -100,7 +107,7 @@ def summary_table(rows, whole_best_first=None):
            "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for (machine, model, recipe), g in groups.items():
         out.append(f"| {MODEL_NAMES.get(model, model)} | {recipe} | {machine} | {len(g)} | {spread(r['val_acc'] for r in g)} "
-                   f"| {spread((r['class4_recall'] for r in g), 3)} | {spread((r['epochs'] for r in g), 0)} "
+                   f"| {spread((r['class4_recall'] for r in g), 3)} | {epochs_of(g)} "
                    f"| {spread((r['minutes'] for r in g), 1)} | {'/'.join(sorted({r['selected_on_val'] for r in g}))} |")
     return out
 

@@ -156,7 +156,8 @@ def outcome(job, out_dir):
         rows = []
     cfg = read_json(os.path.join(run_dir, "config.json")) or {}
     rep = read_json(os.path.join(run_dir, "report.json"))
-    out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")), epochs=len(rows),
+    out.update(select=cfg.get("select", "val"), machine=machine_name(cfg.get("device_name", "")),
+               epochs=min(len(rows), cfg.get("epochs", len(rows))),  # a fractional --epochs: its share of the last
                preset=cfg.get("preset", ""))
     if rows and rows[-1]["holdout_acc"] is not None:  # --holdout: the reported epoch's accuracy on the held-out rows
         out["holdout_acc"] = f"{100 * reported_epoch(rows, out['select'])['holdout_acc']:.2f}"
