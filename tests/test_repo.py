@@ -80,6 +80,15 @@ def test_readmes_table_counts_a_slowed_run_of_fixed_epochs_for_its_accuracy_not_
         "| ThreeCNN | short | CPU | 3 | 91.00 ± 1.00 (90.00-92.00) | 0.850 | 12 | 19.0 ± 1.4 (18.0-20.0) | no |"]
 
 
+def test_readmes_table_gives_whole_epochs_as_such_and_a_fractional_epochs_to_two_decimals():
+    def row(model, epochs):
+        return dict(date="2026-12-05", machine="CPU", model=model, recipe="short", command="c", seed="0",
+                    epochs=epochs, minutes="57.0", val_acc="95.0", holdout_acc="", class4_recall="0.85",
+                    selected_on_val="no")
+    table = results.summary_table([row("res", "8.3538"), row("res", "8.4"), row("three", "12")], whole_best_first=6)
+    assert [line.split(" | ")[6] for line in table[2:]] == ["8.38 ± 0.03 (8.35-8.40)", "12"]
+
+
 def test_the_time_to_accuracy_curve_takes_whole_single_runs_on_its_cpu_and_draws_them(tmp_path):
     def row(recipe, acc, minutes, model="res", machine=results.CURVE_MACHINE, command="python main.py --model res"):
         return dict(date="2026-12-03", machine=machine, model=model, recipe=recipe, command=command, seed="0",
