@@ -261,12 +261,12 @@ def schedule_waits_for_the_first_epoch(cfg):
 def resize_after_first_epoch(run, epoch_s, judging_s):
     """--minutes, once the first epoch has run: the epochs are sized again from what it took (training and its
     evaluations, `epoch_s`, judging_s of it the evaluations), where the schedule has not yet depended on their
-    number (a warmup of an epoch or more, or the plateau schedule). Why: the timing before the start steps a fresh copy of the model for a few seconds,
-    and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8% slower than the epochs then ran
-    (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted 5 epochs where 6 take 13
-    minutes. A real epoch is the better measure, and the time left after it is planned with MEASURED_MARGIN. The
-    schedule is rebuilt over the new number and continues from its step, so the run is the one --epochs N would
-    have made. Returns whether the number changed."""
+    number (a warmup of an epoch or more, or the plateau schedule). Why: the timing before the start steps a fresh
+    copy of the model for a few seconds, and on a 2-core CPU with AVX512-BF16 it read ResCNN's whitened step ~8%
+    slower than the epochs then ran (131 s an epoch, where the epochs then took 118-125 s), so --minutes 15 fitted
+    5 epochs where 6 take 13 minutes. A real epoch is the better measure, and the time left after it is planned
+    with MEASURED_MARGIN. The schedule is rebuilt over the new number and continues from its step, so the run is
+    the one --epochs N would have made. Returns whether the number changed."""
     s = run.state
     cfg = s.cfg
     if not schedule_waits_for_the_first_epoch(cfg):

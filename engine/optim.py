@@ -1,7 +1,7 @@
 """The optimizers (the report's Adam, AdamW, and Muon for the convolutions beside AdamW for the rest), loading their
 saved state, the learning-rate schedules, and a run's length in steps (--epochs may end part-way through an
-epoch). The loss is in loss.py, the EMA of the weights in ema.py; state.py
-puts them together into a run's state, trainstep.py into a step.
+epoch). The loss is in loss.py, the EMA of the weights in ema.py; state.py puts them together into a run's state,
+trainstep.py into a step.
 """
 import math
 
