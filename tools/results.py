@@ -214,7 +214,7 @@ def readme_with_summary(text, rows):
         raise SystemExit(f"{README} has no results block ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    return head + BEGIN + "\n" + "\n".join(summary_table(rows, whole_best_first=17)) + "\n" + END + tail
+    return head + BEGIN + "\n" + "\n".join(summary_table(rows, whole_best_first=19)) + "\n" + END + tail
 
 
 def main(argv=None):
