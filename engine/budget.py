@@ -73,7 +73,7 @@ def fit_epochs(left_s, epoch_s, at_least=1, judging_s=0.0, steps=1):
     whole = math.floor(left_s / epoch_s)
     rest = left_s - whole * epoch_s - judging_s
     part = min(steps - 1, math.floor(rest * steps / (epoch_s - judging_s))) if rest > 0 else 0
-    return max(at_least, whole if part <= 0 else round(whole + part / steps, 4))
+    return max(at_least, whole if part == 0 else round(whole + part / steps, 4))
 
 
 # ==============================================================================================

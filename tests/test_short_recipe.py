@@ -111,6 +111,10 @@ def test_a_fractional_epochs_trains_its_share_of_the_last_epoch_and_resumes_exac
     assert logs[0] == logs[1] and len(logs[0]) == 3
     rc, out, _ = run_main(["--resume", ref / "runs" / "r"])
     assert rc == 0 and "already finished (epoch 3 of --epochs 2.5" in out
+    before = (ref / "runs" / "r" / "last.pth").read_bytes()
+    rc, out, err = run_main(["--resume", ref / "runs" / "r", "--epochs", "4"])  # its third epoch trained in part
+    assert rc != 0 and "ended inside its last epoch (--epochs 2.5), so it cannot go on to --epochs 4" in err, err
+    assert len(err.strip().splitlines()) == 1 and (ref / "runs" / "r" / "last.pth").read_bytes() == before
 
 
 def test_tta_views_flip_is_the_image_and_its_mirror(tiny_data, tmp_path):
