@@ -146,12 +146,12 @@ def open_resume(cfg, given, resume):
     # Settings added since the run started take their defaults, which are what the run did.
     cfg = {**DEFAULTS, **ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
     run_dir = os.path.dirname(os.path.abspath(path))
-    ended_in_part = ckpt["config"]["epochs"] % 1 and ckpt["epoch"] > ckpt["config"]["epochs"]
-    if ended_in_part and cfg["epochs"] > ckpt["config"]["epochs"]:
+    planned = ckpt["config"]["epochs"]
+    if planned % 1 and ckpt["epoch"] > planned and cfg["epochs"] > planned:
         # Its last epoch trained only its share of the steps and its rate reached zero there: going on would train
         # neither the run a larger --epochs makes from the start nor a schedule that ends at zero.
-        raise UserError(f"{path}: this run ended inside its last epoch (--epochs {ckpt['config']['epochs']}), so it "
-                        f"cannot go on to --epochs {cfg['epochs']}: train a new run with --epochs {cfg['epochs']}")
+        raise UserError(f"{path}: this run ended inside its last epoch (--epochs {planned}), so it cannot go on to "
+                        f"--epochs {cfg['epochs']}: train a new run with --epochs {cfg['epochs']}")
     todo = "train"
     if ckpt["finished"]:
         limits = [flag for flag, hit in (("--epochs", ckpt["epoch"] >= cfg["epochs"]),
